@@ -1,0 +1,1 @@
+"""privbroker: the privileged side (jail engine, and later the D-Bus broker)."""

@@ -1,0 +1,469 @@
+"""Apply a JailSpec in a child and exec; report how the program ended.
+
+Processes (L is the caller of `launch`, e.g. privjail or the broker's launcher):
+
+  L --fork--> A: unshares the namespaces.  With a user namespace, A unshares
+                 it first and L writes the id maps (only a process outside
+                 the namespace may map arbitrary ids), so that every other
+                 namespace is created owned by the new user namespace.
+  A --fork--> B: with a pid namespace, B is its pid 1.  A reports B's pid and
+                 exits; B is re-parented to L, which is a child subreaper.
+                 Without a pid namespace A simply continues as B.
+  B            : builds the jail (JAIL_STEPS).  With a pid namespace and an
+                 init, B forks the program C and becomes init (init.py);
+                 otherwise B itself is the program.
+  C            : takes the program's identity and execs (PROGRAM_STEPS).
+
+L only ever waits for, or signals, its own children (A, then B), by pids that
+cannot be recycled until L reaps them, and signals B through a pidfd: it can
+never hit the wrong process (the pitfall of Mozilla bug 986397).
+
+Every child reports a failed step over a SOCK_SEQPACKET socket whose ends are
+close-on-exec: L reads until end of file, which arrives exactly when the
+program has exec'd (or everybody has exited).  A failed launch is killed and
+reaped before `launch` raises, and its namespaces, and every mount in them,
+go with it.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+
+import prctl
+
+# Everything the children use is imported here, before any fork: after a
+# pivot_root or a uid change the interpreter may no longer be able to read
+# its own library directory.
+from . import syscalls as sc
+from .identity import drop_everything_for_init, drop_privileges
+from .init import FORWARDED, run_init
+from .mounts import setup_filesystem
+from .spec import RLIM_INFINITY, JailSpec, validate
+
+# Exit statuses privjail uses for a launch that never reached the program
+# (minijail's values where it has one).
+EXIT_NO_ACCESS = 126      # exec: permission denied, not executable
+EXIT_NO_COMMAND = 127     # exec: no such program
+EXIT_MOUNT = 251          # a mount step failed
+EXIT_SETUP = 252          # another jail step failed
+EXIT_INIT = 254           # the jail's init failed
+
+_STEP_EXIT = {"mounts": EXIT_MOUNT, "init": EXIT_INIT}
+
+# Messages on the control socket: one byte of kind, then a payload.
+_MSG_USERNS = b"U"    # A -> L: user ns unshared, write my maps
+_MSG_MAPPED = b"M"    # L -> A: maps written
+_MSG_PID = b"P"       # A -> L: the jail's top pid (in L's pid ns)
+_MSG_GO = b"G"        # L -> B: you are mine now; build the jail
+_MSG_ERROR = b"E"     # any -> L: a step failed (JSON payload)
+
+
+class LaunchError(Exception):
+    """A jail step failed before the program ran.  Nothing is left behind."""
+
+    def __init__(self, step: str, err: int, message: str):
+        self.step, self.errno, self.message = step, err, message
+        super().__init__(f"jail setup failed at step '{step}': {message}")
+
+    @property
+    def exit_code(self) -> int:
+        if self.step == "exec":
+            return EXIT_NO_COMMAND if self.errno == _errno.ENOENT else EXIT_NO_ACCESS
+        return _STEP_EXIT.get(self.step, EXIT_SETUP)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None      # exit code, or None when killed by a signal
+    signal: int | None    # terminating signal, or None
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> "ExitStatus":
+        if os.WIFSIGNALED(status):
+            return cls(None, os.WTERMSIG(status))
+        return cls(os.WEXITSTATUS(status), None)
+
+    @property
+    def shell_code(self) -> int:
+        return 128 + self.signal if self.signal is not None else self.code
+
+
+class Jail:
+    """A running jail, as seen from L.  `pid` is the jail's top process (its
+    pid 1 when it has a pid namespace), a child of L."""
+
+    def __init__(self, pid: int, pidfd: int, status_fd: int):
+        self.pid, self.pidfd, self._status_fd = pid, pidfd, status_fd
+        self.status: ExitStatus | None = None
+
+    def signal(self, sig: int) -> None:
+        if self.status is None:
+            signal.pidfd_send_signal(self.pidfd, sig)
+
+    def wait(self) -> ExitStatus:
+        if self.status is None:
+            _, raw = os.waitpid(self.pid, 0)
+            self._finish(raw)
+        return self.status
+
+    def poll(self) -> ExitStatus | None:
+        if self.status is None:
+            pid, raw = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._finish(raw)
+        return self.status
+
+    def _finish(self, raw: int) -> None:
+        # With an init, the program's own status comes through the status
+        # pipe; without one (or if init was killed), the top process's status
+        # is the program's.
+        program = _read_status(self._status_fd)
+        self.status = ExitStatus.from_wait_status(program if program is not None else raw)
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self._status_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self._status_fd = -1
+
+
+def _read_status(fd: int) -> int | None:
+    if fd < 0:
+        return None
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 4)
+    except BlockingIOError:
+        return None
+    return struct.unpack("=i", data)[0] if len(data) == 4 else None
+
+
+# ---------------------------------------------------------------------------
+# L: the launching side
+# ---------------------------------------------------------------------------
+
+def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
+    """Start the jail; return once the program has exec'd (or raise LaunchError).
+
+    `fds` maps child fd numbers to fds of ours; those become the program's
+    fds exactly and nothing else is kept.  None: the program inherits our
+    0, 1 and 2.  The caller becomes a child subreaper (harmless for a
+    launcher, and what lets the jail's pid 1 be our child).
+    """
+    validate(spec)
+    prctl.set_child_subreaper(1)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    status_r, status_w = os.pipe()
+    pid_a = os.fork()
+    if pid_a == 0:
+        ours.close()
+        os.close(status_r)
+        _run_child_a(spec, theirs, status_w, fds)   # never returns
+    theirs.close()
+    os.close(status_w)
+    top = None
+    try:
+        top = _drive(spec, ours, pid_a)
+        jail = Jail(top, os.pidfd_open(top), status_r)
+        if spec.pidfile:
+            _write_pidfile(spec.pidfile, top)
+        ours.send(_MSG_GO)
+        _wait_for_exec(ours)
+        return jail
+    except BaseException:
+        _abort(pid_a, top)
+        os.close(status_r)
+        if spec.pidfile and top is not None:
+            _remove_quietly(spec.pidfile)
+        raise
+    finally:
+        ours.close()
+
+
+def _drive(spec: JailSpec, sock: socket.socket, pid_a: int) -> int:
+    """Talk A through the namespace setup; return the jail's top pid."""
+    if spec.has("user"):
+        _expect(sock, _MSG_USERNS)
+        write_id_maps(pid_a, spec)
+        sock.send(_MSG_MAPPED)
+    top = struct.unpack("=i", _expect(sock, _MSG_PID))[0]
+    if top != pid_a:
+        # A exits right after reporting; reaping it is what makes B our child.
+        _, status = os.waitpid(pid_a, 0)
+        if status != 0:
+            raise LaunchError("namespaces", 0, f"intermediate process failed ({status})")
+    return top
+
+
+def write_id_maps(pid: int, spec: JailSpec) -> None:
+    for name, entries in (("uid_map", spec.uid_map), ("gid_map", spec.gid_map)):
+        if entries:
+            text = "".join(f"{m.inside} {m.outside} {m.count}\n" for m in entries)
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(text)
+
+
+def _expect(sock: socket.socket, kind: bytes) -> bytes:
+    msg = sock.recv(4096)
+    if msg[:1] == kind:
+        return msg[1:]
+    _raise_reported(msg)
+
+
+def _wait_for_exec(sock: socket.socket) -> None:
+    msg = sock.recv(4096)
+    if msg:
+        _raise_reported(msg)
+
+
+def _raise_reported(msg: bytes) -> "NoReturn":  # noqa: F821
+    if msg[:1] == _MSG_ERROR:
+        r = json.loads(msg[1:])
+        raise LaunchError(r["step"], r["errno"], r["message"])
+    if not msg:
+        raise LaunchError("namespaces", 0, "the jail exited before reporting")
+    raise LaunchError("protocol", 0, f"unexpected message {msg[:16]!r}")
+
+
+def _abort(pid_a: int, top: int | None) -> None:
+    """Kill and reap whatever of the launch exists; ignore what is gone."""
+    for pid in dict.fromkeys((top, pid_a)):
+        if pid is None:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _write_pidfile(path: str, pid: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        os.write(fd, f"{pid}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# The children.  None of these functions ever returns: a Python exception
+# must never unwind into the launcher's stack in a forked child.
+# ---------------------------------------------------------------------------
+
+class _Ctx:
+    """What the child steps share: the spec, the control socket, the fds."""
+
+    def __init__(self, spec, sock, status_fd, fds):
+        self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
+        self.step = "namespaces"
+
+
+def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
+    err = getattr(exc, "errno", None) or 0
+    message = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename \
+        else (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    try:
+        ctx.sock.send(_MSG_ERROR + json.dumps(
+            {"step": ctx.step, "errno": err, "message": message or type(exc).__name__}).encode())
+    except OSError:
+        pass
+    os._exit(LaunchError(ctx.step, err, "").exit_code)
+
+
+def _run_child_a(spec, sock, status_fd, fds) -> "NoReturn":  # noqa: F821
+    ctx = _Ctx(spec, sock, status_fd, fds)
+    try:
+        prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
+        if spec.has("user"):
+            sc.unshare(sc.CLONE_NEWUSER)
+            sock.send(_MSG_USERNS)
+            if sock.recv(16) != _MSG_MAPPED:
+                os._exit(EXIT_SETUP)
+        flags = 0
+        for ns in spec.namespaces - {"user"}:
+            flags |= sc.NS_FLAGS[ns]
+        if flags:
+            sc.unshare(flags)
+        if spec.has("pid"):
+            pid_b = os.fork()   # B: pid 1 of the new pid namespace
+            if pid_b == 0:
+                _run_jail(ctx)
+            sock.send(_MSG_PID + struct.pack("=i", pid_b))
+            os._exit(0)
+        sock.send(_MSG_PID + struct.pack("=i", os.getpid()))
+        _run_jail(ctx)
+    except BaseException as e:
+        _report_and_exit(ctx, e)
+
+
+def _await_go(ctx: _Ctx) -> None:
+    if ctx.sock.recv(16) != _MSG_GO:
+        os._exit(EXIT_SETUP)      # the launcher gave up on us
+
+
+def _die_with_parent(ctx: _Ctx) -> None:
+    """Arm PDEATHSIG, then make sure L did not die before it was armed.
+    Called again after every credential change, which clears PDEATHSIG."""
+    if not ctx.spec.die_with_parent:
+        # A armed PDEATHSIG for the setup phase; without a pid namespace A
+        # goes on to be the program, which must then survive the launcher.
+        prctl.set_pdeathsig(0)
+        return
+    prctl.set_pdeathsig(signal.SIGKILL)
+    p = select.poll()
+    p.register(ctx.sock, select.POLLIN)
+    for _, ev in p.poll(0):
+        if ev & (select.POLLHUP | select.POLLERR):
+            os._exit(EXIT_SETUP)
+
+
+def _step_mounts(ctx: _Ctx) -> None:
+    if ctx.spec.has("mount"):
+        setup_filesystem(ctx.spec)
+
+
+def _step_hostname(ctx: _Ctx) -> None:
+    if ctx.spec.hostname is not None:
+        socket.sethostname(ctx.spec.hostname)
+
+
+def _step_rlimits(ctx: _Ctx) -> None:
+    for r in ctx.spec.rlimits:
+        conv = lambda v: resource.RLIM_INFINITY if v == RLIM_INFINITY else v  # noqa: E731
+        resource.setrlimit(r.resource, (conv(r.soft), conv(r.hard)))
+
+
+# The jail's first process, B.  Order and why:
+JAIL_STEPS = (
+    ("die-with-parent", _die_with_parent),  # first: a dead launcher means no jail
+    ("mounts", _step_mounts),          # needs full privilege in the new namespaces
+    ("hostname", _step_hostname),      # needs CAP_SYS_ADMIN in the uts namespace
+    ("rlimits", _step_rlimits),        # raising a hard limit needs CAP_SYS_RESOURCE
+)
+
+
+def _run_jail(ctx: _Ctx) -> "NoReturn":  # noqa: F821
+    try:
+        ctx.step = "namespaces"
+        _await_go(ctx)
+        for ctx.step, step in JAIL_STEPS:
+            step(ctx)
+        if ctx.spec.has("pid") and ctx.spec.pid_init:
+            ctx.step = "init"
+            _become_init(ctx)
+        _run_program(ctx)
+    except BaseException as e:
+        _report_and_exit(ctx, e)
+
+
+def _become_init(ctx: _Ctx) -> "NoReturn":  # noqa: F821
+    # Block the signals init waits for *before* forking, so none that arrives
+    # between the fork and the wait loop is lost; the program unblocks them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(FORWARDED) | {signal.SIGCHLD})
+    program = os.fork()
+    if program == 0:
+        _run_program(ctx)
+    drop_everything_for_init(ctx.spec)
+    _die_with_parent(ctx)
+    ctx.sock.close()
+    _close_fds_except({ctx.status_fd})
+    run_init(program, ctx.status_fd)
+
+
+def _step_signals(ctx: _Ctx) -> None:
+    # exec keeps ignored signals ignored and the mask as is: Python ignores
+    # SIGPIPE and SIGXFSZ, and init blocked several; the program gets defaults.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _step_identity(ctx: _Ctx) -> None:
+    drop_privileges(ctx.spec)
+
+
+def _step_fds(ctx: _Ctx) -> None:
+    """Make the program's fds exactly the requested ones; keep only the
+    (close-on-exec) control socket, for reporting a failed exec."""
+    sock_fd = ctx.sock.fileno()
+    if ctx.fds is None:
+        _close_fds_except({0, 1, 2, sock_fd})
+        return
+    # Move every source out of the way first, so placing one never
+    # clobbers another (or the control socket).
+    base = max([sock_fd, 2, *ctx.fds, *ctx.fds.values()]) + 1
+    staged = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, base)
+              for target, src in ctx.fds.items()}
+    new_sock = fcntl.fcntl(sock_fd, fcntl.F_DUPFD_CLOEXEC, base)
+    ctx.sock = socket.socket(fileno=new_sock)
+    for target, tmp in staged.items():
+        os.dup2(tmp, target, inheritable=True)
+    _close_fds_except(set(staged) | {new_sock})
+
+
+def _step_cwd(ctx: _Ctx) -> None:
+    if ctx.spec.cwd:
+        os.chdir(ctx.spec.cwd)
+
+
+def _program_env(spec: JailSpec) -> dict[str, str]:
+    env = {} if spec.env_reset else dict(os.environ)
+    env.update(spec.env_add)
+    return env
+
+
+def _step_exec(ctx: _Ctx) -> None:
+    argv = list(ctx.spec.argv)
+    env = _program_env(ctx.spec)
+    if "/" in argv[0]:
+        os.execve(argv[0], argv, env)
+    os.execvpe(argv[0], argv, env)
+
+
+# The program's process, C (or B when it has no init).  Order and why:
+PROGRAM_STEPS = (
+    ("signals", _step_signals),        # before anything can block in exec
+    ("identity", _step_identity),      # groups, gid, uid, caps, securebits, no_new_privs
+    ("die-with-parent", _die_with_parent),  # again: the uid change cleared PDEATHSIG
+    ("fds", _step_fds),                # after identity: nothing above needs them
+    ("cwd", _step_cwd),                # as the jailed user, so its access rights apply
+    ("exec", _step_exec),              # last; the control socket closes on success
+)
+
+
+def _run_program(ctx: _Ctx) -> "NoReturn":  # noqa: F821
+    try:
+        for ctx.step, step in PROGRAM_STEPS:
+            step(ctx)
+        raise AssertionError("exec returned")
+    except BaseException as e:
+        _report_and_exit(ctx, e)
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    lo = 0
+    for fd in sorted(keep):
+        if fd > lo:
+            os.closerange(lo, fd)
+        lo = fd + 1
+    os.closerange(lo, 1 << 20)

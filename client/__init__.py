@@ -1,0 +1,1 @@
+"""privbroker client library and CLI."""

@@ -1,0 +1,74 @@
+"""Shared test helpers: run privjail on the probe and read what it saw."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = str(ROOT / "tests" / "probe.py")
+# The probe runs as other uids inside jails: use the system interpreter,
+# which every uid can execute (a pyenv or venv under /root may not be).
+JAIL_PYTHON = "/usr/bin/python3"
+PRIVJAIL = [sys.executable, "-m", "broker.jail.cli"]
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def reports(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
+
+    @property
+    def report(self) -> dict:
+        assert self.reports, f"no probe report; rc={self.rc} stderr={self.stderr!r}"
+        return self.reports[0]
+
+
+def privjail(*flags: str, program: list[str] | None = None, probe_args=(), timeout=60,
+             **popen_kw) -> Run:
+    """Run privjail FLAGS -- PROGRAM (the probe by default)."""
+    if program is None:
+        program = [JAIL_PYTHON, PROBE, *probe_args]
+    p = subprocess.run([*PRIVJAIL, *flags, "--", *program], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, **popen_kw)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def host_ns(name: str) -> int:
+    return os.stat(f"/proc/self/ns/{name}").st_ino
+
+
+def mount_table() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(line.split(" ", 4)[4] for line in f)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains marker."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_root():
+    if os.geteuid() != 0:
+        pytest.skip("the jail tests need root", allow_module_level=True)
