@@ -68,6 +68,18 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+@pytest.fixture
+def world_tmp():
+    """A directory every uid can reach (pytest's tmp_path is under a 0700
+    directory) and outside /tmp (which jails often cover with a tmpfs)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="privbroker-test-", dir="/var/tmp")
+    os.chmod(d, 0o755)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _require_root():
     if os.geteuid() != 0:

@@ -43,7 +43,8 @@ from __future__ import annotations
 import os
 from collections import namedtuple
 
-from .spec import RLIM_INFINITY, Bind, IdMap, JailSpec, Mount, Rlimit, SpecError, validate
+from .spec import (RLIM_INFINITY, Bind, FsRule, IdMap, JailSpec, Mount, Rlimit, SpecError,
+                   validate)
 
 CONFIG_HEADER = "% minijail-config-file v0"
 
@@ -109,8 +110,15 @@ _OPTIONS = [
     Opt("env-reset", NO_ARG),
     Opt("profile", REQUIRED, "minimalistic-mountns or minimalistic-mountns-nodev"),
     Opt("uts", OPTIONAL, "a hostname"),
+    Opt("fs-default-paths", NO_ARG),
+    Opt("fs-path-advanced-rw", REQUIRED, "an absolute path"),
+    Opt("fs-path-ro", REQUIRED, "an absolute path"),
+    Opt("fs-path-rw", REQUIRED, "an absolute path"),
+    Opt("fs-path-rx", REQUIRED, "an absolute path"),
+    Opt("no-fs-restrictions", NO_ARG),
     # privjail's own
     Opt("cwd", REQUIRED, "a directory inside the jail"),
+    Opt("landlock-best-effort", NO_ARG),
     Opt("die-with-parent", NO_ARG),
     # -- recognised, refused --------------------------------------------------
     Opt("a", REQUIRED, "a table name",
@@ -129,13 +137,8 @@ _OPTIONS = [
     Opt("z", NO_ARG, refused=("do not forward signals", NOT_YET)),
     Opt("allow-speculative-execution", NO_ARG,
         refused=("seccomp speculation mitigations", NOT_YET)),
-    Opt("enable-profile-fs-restrictions", NO_ARG, refused=("Landlock", NOT_YET)),
-    Opt("fs-default-paths", NO_ARG, refused=("Landlock", NOT_YET)),
-    Opt("fs-path-advanced-rw", REQUIRED, "a path", refused=("Landlock", NOT_YET)),
-    Opt("fs-path-ro", REQUIRED, "a path", refused=("Landlock", NOT_YET)),
-    Opt("fs-path-rw", REQUIRED, "a path", refused=("Landlock", NOT_YET)),
-    Opt("fs-path-rx", REQUIRED, "a path", refused=("Landlock", NOT_YET)),
-    Opt("no-fs-restrictions", NO_ARG, refused=("Landlock", NOT_YET)),
+    Opt("enable-profile-fs-restrictions", NO_ARG,
+        refused=("Landlock rules derived from the profile's mounts", NOT_YET)),
     Opt("logging", REQUIRED, "auto, syslog or stderr", refused=("logging system", NOT_YET)),
     Opt("no-default-runtime-environment", NO_ARG,
         refused=("default runtime environment", NOT_YET)),
@@ -529,6 +532,7 @@ class _Builder:
         self.ns: set[str] = set()
         self.f: dict = {}                 # JailSpec fields set directly
         self.mounts: list = []
+        self.landlock: list[FsRule] = []
         self.rlimits: dict[int, Rlimit] = {}
         self.env: dict[str, str] = {}
         self.uid: int | None = None
@@ -677,6 +681,20 @@ class _Builder:
             self.f["die_with_parent"] = True
         elif k == "cwd":
             self.f["cwd"] = value
+        elif k == "fs-default-paths":
+            from .landlock import DEFAULT_PATHS
+            self.landlock.extend(DEFAULT_PATHS)
+        elif k.startswith("fs-path-"):
+            if not value.startswith("/"):
+                raise _bad("an absolute path", value)
+            self.landlock.append(FsRule(value, k[len("fs-path-"):]))
+        elif k == "no-fs-restrictions":
+            # minijail: opt out of the Landlock rules it derives from the
+            # profile's mounts.  privjail's profiles derive none, so the
+            # jail is exactly what the other options say.
+            pass
+        elif k == "landlock-best-effort":
+            self.f["landlock_best_effort"] = True
         else:  # pragma: no cover - every table entry is handled above
             raise AssertionError(f"option {disp} has no handler")
 
@@ -727,6 +745,7 @@ class _Builder:
             f["groups"] = ()          # changing identity drops supplementary groups
         f["uid"], f["gid"] = self.uid, self.gid
         spec = JailSpec(argv=tuple(argv), namespaces=frozenset(self.ns),
+                        landlock=tuple(dict.fromkeys(self.landlock)),
                         mounts=tuple(self.mounts), rlimits=tuple(self.rlimits.values()),
                         env_add=tuple(self.env.items()), **f)
         try:

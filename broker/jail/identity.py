@@ -87,11 +87,19 @@ def drop_bounding_set(keep_mask: int) -> None:
 
 def change_ids(spec: JailSpec) -> None:
     if spec.groups is not None:
-        os.setgroups(list(spec.groups))
+        _named(os.setgroups, "setgroups", list(spec.groups))
     if spec.gid is not None:
-        os.setresgid(spec.gid, spec.gid, spec.gid)
+        _named(os.setresgid, "setresgid", spec.gid, spec.gid, spec.gid)
     if spec.uid is not None:
-        os.setresuid(spec.uid, spec.uid, spec.uid)
+        _named(os.setresuid, "setresuid", spec.uid, spec.uid, spec.uid)
+
+
+def _named(fn, name: str, *args) -> None:
+    """Call fn; an OSError names the call and the id (EINVAL alone says little)."""
+    try:
+        fn(*args)
+    except OSError as e:
+        raise OSError(e.errno, f"{name}({args[0]}): {e.strerror}") from None
 
 
 def drop_everything_for_init(spec: JailSpec) -> None:

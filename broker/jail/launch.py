@@ -45,6 +45,7 @@ import prctl
 from . import syscalls as sc
 from .identity import drop_everything_for_init, drop_privileges
 from .init import FORWARDED, run_init
+from .landlock import build_ruleset
 from .mounts import setup_filesystem
 from .spec import RLIM_INFINITY, JailSpec, validate
 
@@ -276,6 +277,7 @@ class _Ctx:
     def __init__(self, spec, sock, status_fd, fds):
         self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
         self.step = "namespaces"
+        self.ruleset = None       # the Landlock ruleset, built in the jail's view
 
 
 def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
@@ -353,10 +355,16 @@ def _step_rlimits(ctx: _Ctx) -> None:
         resource.setrlimit(r.resource, (conv(r.soft), conv(r.hard)))
 
 
+def _step_landlock_rules(ctx: _Ctx) -> None:
+    if ctx.spec.landlock:
+        ctx.ruleset = build_ruleset(ctx.spec.landlock, best_effort=ctx.spec.landlock_best_effort)
+
+
 # The jail's first process, B.  Order and why:
 JAIL_STEPS = (
     ("die-with-parent", _die_with_parent),  # first: a dead launcher means no jail
     ("mounts", _step_mounts),          # needs full privilege in the new namespaces
+    ("landlock-rules", _step_landlock_rules),  # after mounts: rule paths are the jail's paths
     ("hostname", _step_hostname),      # needs CAP_SYS_ADMIN in the uts namespace
     ("rlimits", _step_rlimits),        # raising a hard limit needs CAP_SYS_RESOURCE
 )
@@ -383,7 +391,11 @@ def _become_init(ctx: _Ctx) -> "NoReturn":  # noqa: F821
     program = os.fork()
     if program == 0:
         _run_program(ctx)
+    # The same ids the program takes: an id that cannot be taken is the
+    # identity step's error, whichever of the two processes meets it first.
+    ctx.step = "identity"
     drop_everything_for_init(ctx.spec)
+    ctx.step = "init"
     _die_with_parent(ctx)
     ctx.sock.close()
     _close_fds_except({ctx.status_fd})
@@ -440,11 +452,28 @@ def _step_exec(ctx: _Ctx) -> None:
     os.execvpe(argv[0], argv, env)
 
 
+def _step_landlock_privileged(ctx: _Ctx) -> None:
+    # Without no_new_privs, landlock_restrict_self needs CAP_SYS_ADMIN, which
+    # only the not-yet-dropped identity has.
+    if ctx.ruleset is not None and not ctx.spec.no_new_privs:
+        ctx.ruleset.restrict_self()
+
+
+def _step_landlock(ctx: _Ctx) -> None:
+    # With no_new_privs, restrict as late as possible (minijail's order), so
+    # identity changes never have to get through the ruleset.
+    if ctx.ruleset is not None and ctx.spec.no_new_privs:
+        ctx.ruleset.restrict_self()
+
+
 # The program's process, C (or B when it has no init).  Order and why:
 PROGRAM_STEPS = (
     ("signals", _step_signals),        # before anything can block in exec
+    ("landlock", _step_landlock_privileged),  # only without no_new_privs: needs CAP_SYS_ADMIN
     ("identity", _step_identity),      # groups, gid, uid, caps, securebits, no_new_privs
     ("die-with-parent", _die_with_parent),  # again: the uid change cleared PDEATHSIG
+    ("landlock", _step_landlock),      # after no_new_privs and after mounts
+
     ("fds", _step_fds),                # after identity: nothing above needs them
     ("cwd", _step_cwd),                # as the jailed user, so its access rights apply
     ("exec", _step_exec),              # last; the control socket closes on success
