@@ -5,7 +5,7 @@
 set -e
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
-echo "\$ privjail -p -v -e -l --uts=demo -n --profile minimalistic-mountns -u nobody -g nogroup -- python3 tests/probe.py"
+echo "\$ privjail -p -v -e -l --uts=demo -n --profile minimalistic-mountns -u nobody -g nogroup -- python3 $PWD/tests/probe.py"
 "$VENV/bin/privjail" -p -v -e -l --uts=demo -n --profile minimalistic-mountns \
-    -u nobody -g nogroup -- /usr/bin/python3 tests/probe.py \
+    -u nobody -g nogroup -- /usr/bin/python3 "$PWD/tests/probe.py" \
   | "$VENV/bin/python" examples/summarize_probe.py

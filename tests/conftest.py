@@ -11,7 +11,25 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROBE = str(ROOT / "tests" / "probe.py")
+SHARED = ROOT.parent / "shared"          # the project's shared/ sits beside the checkout
+
+
+def _install_probe() -> Path:
+    """Copy the probe where every uid can read it and no jail's tmpfs /tmp
+    covers it (the checkout may be under /tmp, or under a 0700 home)."""
+    import atexit
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="privbroker-probe-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    shutil.copy(ROOT / "tests" / "probe.py", d / "probe.py")
+    os.chmod(d / "probe.py", 0o644)
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+PROBE_DIR = _install_probe()
+PROBE = str(PROBE_DIR / "probe.py")
 # The probe runs as other uids inside jails: use the system interpreter,
 # which every uid can execute (a pyenv or venv under /root may not be).
 JAIL_PYTHON = "/usr/bin/python3"

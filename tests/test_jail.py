@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from conftest import (JAIL_PYTHON, PRIVJAIL, PROBE, ROOT, host_ns, mount_table, privjail,
-                      processes_with)
+from conftest import (JAIL_PYTHON, PRIVJAIL, PROBE, PROBE_DIR, ROOT, host_ns, mount_table,
+                      privjail, processes_with)
 
 NOBODY = pwd.getpwnam("nobody").pw_uid
 NOGROUP = 65534
@@ -180,7 +180,7 @@ def _usr_merged_root(root):
 
 def test_chroot(tmp_path):
     _usr_merged_root(tmp_path)
-    r = privjail("-v", "-C", str(tmp_path), "-b", "/usr", "-b", f"{ROOT}/tests,/tests",
+    r = privjail("-v", "-C", str(tmp_path), "-b", "/usr", "-b", f"{PROBE_DIR},/tests",
                  program=["/usr/bin/python3", "/tests/probe.py"])
     assert r.rc == 0, r.stderr
     assert set(r.report["root_dir_entries"]) == {"usr", "lib", "lib64", "bin", "tests", "proc"}
@@ -189,7 +189,7 @@ def test_chroot(tmp_path):
 
 def test_pivot_root_into_a_directory(tmp_path):
     _usr_merged_root(tmp_path)
-    r = privjail("-p", "-P", str(tmp_path), "-b", "/usr", "-b", f"{ROOT}/tests,/tests",
+    r = privjail("-p", "-P", str(tmp_path), "-b", "/usr", "-b", f"{PROBE_DIR},/tests",
                  program=["/usr/bin/python3", "/tests/probe.py"])
     assert r.rc == 0, r.stderr
     assert set(r.report["root_dir_entries"]) == {"usr", "lib", "lib64", "bin", "tests", "proc"}
@@ -383,7 +383,7 @@ def _landlock_probe(world_tmp, *flags):
         (world_tmp / d).mkdir()
         os.chmod(world_tmp / d, 0o777)     # only Landlock may say no
     return privjail("-v", "-n", "--fs-default-paths", "--fs-path-ro", "/proc",
-                    "--fs-path-ro", f"{ROOT}/tests", "--fs-path-rw", f"{world_tmp}/rw",
+                    "--fs-path-ro", str(PROBE_DIR), "--fs-path-rw", f"{world_tmp}/rw",
                     "-b", f"{world_tmp},{world_tmp},1", *flags,
                     probe_args=["--touch", f"{world_tmp}/rw/x", "--touch", f"{world_tmp}/other/x",
                                 "--read", "/etc/passwd", "--read", "/etc/hostname"])
