@@ -102,3 +102,21 @@ def world_tmp():
 def _require_root():
     if os.geteuid() != 0:
         pytest.skip("the jail tests need root", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def throwaway_user():
+    """A real user with a supplementary group, created for the session and
+    removed after it: (name, uid, primary gid, supplementary gid)."""
+    import grp
+    import pwd
+    tag = f"pbt{os.getpid()}"
+    subprocess.run(["groupadd", f"{tag}x"], check=True)
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "--user-group", "--groups", f"{tag}x", tag], check=True)
+    try:
+        pw = pwd.getpwnam(tag)
+        yield tag, pw.pw_uid, pw.pw_gid, grp.getgrnam(f"{tag}x").gr_gid
+    finally:
+        subprocess.run(["userdel", tag], check=False)
+        subprocess.run(["groupdel", f"{tag}x"], check=False)

@@ -411,3 +411,46 @@ def test_landlock_rule_for_a_missing_path_fails_the_launch():
     r = privjail("-n", "--fs-path-ro", "/does/not/exist")
     assert r.rc == 252
     assert "landlock" in r.stderr and "/does/not/exist" in r.stderr
+
+
+# -- more flags ------------------------------------------------------------------
+
+def test_inherit_the_users_supplementary_groups(throwaway_user):
+    name, uid, gid, extra = throwaway_user
+    r = privjail("-u", name, "-g", name, "-G")
+    assert r.rc == 0, r.stderr
+    assert (r.report["uid"], r.report["gid"]) == (uid, gid)
+    assert r.report["groups"] == sorted({gid, extra})
+
+
+@pytest.mark.parametrize("mode,expect", [("shared", "shared:"), ("unbindable", "unbindable"),
+                                         ("private", "")])
+def test_propagation_modes(mode, expect):
+    r = privjail("-v", f"-K{mode}")
+    prop = mountpoints(r.report)["/"]["propagation"]
+    assert prop.startswith(expect) if expect else prop == ""
+
+
+def test_mount_dev_alone():
+    r = privjail("-v", "-d")
+    mp = mountpoints(r.report)
+    assert mp["/dev"]["fstype"] == "tmpfs"
+    assert mp["/dev/pts"]["fstype"] == "devpts"
+    assert "null" in r.report["dev_entries"] and "sda" not in r.report["dev_entries"]
+
+
+def test_tmpfs_tmp_with_size():
+    m = mountpoints(privjail("-v", "-t16M").report)["/tmp"]
+    assert m["fstype"] == "tmpfs" and "size=16384k" in m["super_options"]
+
+
+def test_cwd_inside_the_jail():
+    assert privjail("--cwd", "/etc").report["cwd"] == "/etc"
+
+
+def test_mount_with_bind_and_readonly_flags(tmp_path):
+    r = privjail("-v", "-k", f"/etc,{tmp_path},none,MS_BIND|MS_RDONLY",
+                 probe_args=["--read", f"{tmp_path}/passwd", "--touch", f"{tmp_path}/new"])
+    assert r.rc == 0, r.stderr
+    assert r.reports[1]["ok"]
+    assert r.reports[2]["errno"] == errno.EROFS

@@ -154,15 +154,24 @@ def build_dev(tree: _Tree) -> None:
     a private devpts instance, and the usual symlinks."""
     dev = tree.host_path("/dev")
     _ensure_destination(tree, dev, like_dir=True)
-    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
-    tree.own_tmpfs.append(dev)
+    # Hold the host nodes first: without a new root, the tmpfs below covers
+    # the very /dev they live in.
+    nodes = {}
     for name in DEV_NODES:
-        host_node = "/dev/" + name
-        if not os.path.exists(host_node):
+        try:
+            nodes[name] = os.open("/dev/" + name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
             continue   # e.g. no /dev/tty in a daemon's environment
-        target = os.path.join(dev, name)
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-        sc.mount(host_node, target, None, sc.MS_BIND)
+    try:
+        sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
+        tree.own_tmpfs.append(dev)
+        for name, fd in nodes.items():
+            target = os.path.join(dev, name)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+            sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND)
+    finally:
+        for fd in nodes.values():
+            os.close(fd)
     for name, to in DEV_LINKS:
         os.symlink(to, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "pts"), 0o755)
