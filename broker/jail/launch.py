@@ -101,13 +101,38 @@ class Jail:
     """A running jail, as seen from L.  `pid` is the jail's top process (its
     pid 1 when it has a pid namespace), a child of L."""
 
-    def __init__(self, pid: int, pidfd: int, status_fd: int):
+    def __init__(self, pid: int, pidfd: int, status_fd: int, own_pid_ns: bool):
         self.pid, self.pidfd, self._status_fd = pid, pidfd, status_fd
+        self.own_pid_ns = own_pid_ns
         self.status: ExitStatus | None = None
 
     def signal(self, sig: int) -> None:
+        """Signal the jail's top process (its init forwards the usual ones)."""
         if self.status is None:
             signal.pidfd_send_signal(self.pidfd, sig)
+
+    def signal_all(self, sig: int) -> None:
+        """Signal every process in the jail.  SIGKILL to pid 1 of the jail's
+        pid namespace takes all of it; any other signal goes to each process
+        in that namespace but pid 1 (which would forward it a second time).
+        Without a pid namespace only the top process is known."""
+        if self.status is not None:
+            return
+        if sig == signal.SIGKILL or not self.own_pid_ns:
+            self.signal(sig)
+            return
+        for pidfd in _pidfds_in_pid_ns(os.stat(f"/proc/{self.pid}/ns/pid").st_ino, self.pid):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
+                pass
+            finally:
+                os.close(pidfd)
+
+    def reaped(self, raw: int) -> ExitStatus:
+        """The caller reaped our pid itself (in a waitpid(-1) loop)."""
+        self._finish(raw)
+        return self.status
 
     def wait(self) -> ExitStatus:
         if self.status is None:
@@ -135,6 +160,27 @@ class Jail:
             if fd >= 0:
                 os.close(fd)
         self.pidfd = self._status_fd = -1
+
+
+def _pidfds_in_pid_ns(ns_ino: int, exclude: int):
+    """pidfds of the live processes in the pid namespace ns_ino.  A pid is
+    only trusted once a pidfd holds it and the process is still alive: a live
+    process keeps its pid, so the namespace check cannot hit a recycled pid."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == exclude:
+            continue
+        try:
+            fd = os.pidfd_open(int(entry))
+        except OSError:
+            continue
+        try:
+            signal.pidfd_send_signal(fd, 0)
+            if os.stat(f"/proc/{entry}/ns/pid").st_ino == ns_ino:
+                yield fd
+                continue
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _read_status(fd: int) -> int | None:
@@ -174,7 +220,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
     top = None
     try:
         top = _drive(spec, ours, pid_a)
-        jail = Jail(top, os.pidfd_open(top), status_r)
+        jail = Jail(top, os.pidfd_open(top), status_r, spec.has("pid") and spec.pid_init)
         if spec.pidfile:
             _write_pidfile(spec.pidfile, top)
         ours.send(_MSG_GO)

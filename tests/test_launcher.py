@@ -1,0 +1,155 @@
+"""The launcher zygote and its wire format, without the bus."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from broker import launcher, wire
+from broker.jail.spec import Bind, JailSpec
+from conftest import JAIL_PYTHON, PROBE, processes_with
+
+MINIMAL = JailSpec(argv=("/bin/true",), namespaces=frozenset({"pid", "mount", "net", "ipc", "uts"}),
+                   remount_proc_ro=True, no_new_privs=True)
+
+
+def spec(*argv: str, **kw) -> JailSpec:
+    from dataclasses import replace
+    return replace(MINIMAL, argv=argv, **kw)
+
+
+class Harness:
+    """A launcher process and an asyncio client of it, collecting exit events."""
+
+    def __init__(self):
+        self.pid, sock = launcher.start()
+        self.exits: dict[str, tuple] = {}
+        self.exited = asyncio.Event()
+        self.client = launcher.LauncherClient(sock, self._on_exit)
+
+    def _on_exit(self, jail_id, code, sig):
+        self.exits[jail_id] = (code, sig)
+        self.exited.set()
+
+    async def wait_exit(self, jail_id, timeout=10):
+        deadline = time.monotonic() + timeout
+        while jail_id not in self.exits:
+            self.exited.clear()
+            await asyncio.wait_for(self.exited.wait(), deadline - time.monotonic())
+        return self.exits[jail_id]
+
+    def close(self):
+        self.client.sock.close()
+        os.waitpid(self.pid, 0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_launch_passes_exactly_the_given_fds_and_reports_exit():
+    async def main():
+        h = Harness()
+        r, w = os.pipe()
+        reply = await h.client.request(
+            {"op": "launch", "jail": "j1", "fd_targets": [1, 2],
+             "spec": wire.spec_to_wire(spec(JAIL_PYTHON, PROBE, "--exit", "3"))}, [w, w])
+        os.close(w)
+        assert reply["pid"] > 0
+        assert await h.wait_exit("j1") == (3, None)
+        with os.fdopen(r) as f:
+            out = f.readline()
+        h.close()
+        return json.loads(out)
+    report = run(main())
+    assert report["fds"] == [1, 2]        # exactly what was passed: no 0, nothing else
+    assert report["visible_pids"] == [1, 2]
+
+
+def test_signal_reaches_every_process_in_the_jail():
+    marker = f"sigall-{time.monotonic_ns()}"
+
+    async def main():
+        h = Harness()
+        script = f"sleep 30 & sleep 30 & wait"
+        await h.client.request({"op": "launch", "jail": "j2", "fd_targets": [], "spec":
+                                wire.spec_to_wire(spec("/bin/sh", "-c", script, marker))})
+        for _ in range(100):
+            if len(processes_with("sleep\x0030")) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await h.client.request({"op": "signal", "jail": "j2", "signal": signal.SIGTERM})
+        status = await h.wait_exit("j2")
+        h.close()
+        return status
+    code, sig = run(main())
+    assert sig == signal.SIGTERM or code == 128 + signal.SIGTERM
+    assert processes_with(marker) == []
+
+
+def test_failed_launch_is_a_named_error_and_leaves_no_process():
+    async def main():
+        h = Harness()
+        with pytest.raises(launcher.LauncherFailed) as e:
+            await h.client.request({"op": "launch", "jail": "j3", "fd_targets": [], "spec":
+                                    wire.spec_to_wire(spec("/no/such/program"))})
+        h.close()
+        return e.value
+    err = run(main())
+    assert err.kind == "launch-failed" and "exec" in str(err)
+
+
+@pytest.mark.parametrize("msg,expect", [
+    ({"op": "launch", "jail": "BAD ID", "fd_targets": [], "spec": {}}, "bad jail id"),
+    ({"op": "frobnicate", "jail": "j4"}, "unknown op"),
+    ({"op": "launch", "jail": "j4", "fd_targets": [0], "spec": {"argv": ["x"]}}, "fd_targets"),
+    ({"op": "launch", "jail": "j4", "fd_targets": [], "spec": {"argv": ["x"], "uid": "0"}},
+     "wrong type"),
+    ({"op": "launch", "jail": "j4", "fd_targets": [], "spec": {"argv": ["x"], "evil": 1}},
+     "unexpected keyword"),
+    ({"op": "signal", "jail": "j4", "signal": 999}, "bad signal"),
+])
+def test_malformed_requests_are_refused(msg, expect):
+    async def main():
+        h = Harness()
+        with pytest.raises(launcher.LauncherFailed) as e:
+            await h.client.request(msg)
+        h.close()
+        return e.value
+    err = run(main())
+    assert err.kind == "malformed" and expect in str(err)
+
+
+def test_wrong_version_and_oversized_messages_are_refused():
+    front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pytest.raises(wire.WireError, match="protocol version"):
+        wire.decode(b'{"v": 2, "op": "launch"}')
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.decode(b" " * (wire.MAX_MESSAGE + 1))
+    with pytest.raises(wire.WireError, match="exceeds"):
+        wire.encode({"op": "launch", "spec": {"argv": ["x" * wire.MAX_MESSAGE]}})
+    front.close()
+    back.close()
+
+
+def test_launcher_kills_its_jails_when_the_front_goes_away():
+    marker = f"orphaned-{time.monotonic_ns()}"
+
+    async def main():
+        h = Harness()
+        await h.client.request({"op": "launch", "jail": "j5", "fd_targets": [], "spec":
+                                wire.spec_to_wire(spec("/bin/sh", "-c", "sleep 30", marker))})
+        assert processes_with(marker)
+        h.close()          # closes the socket and waits for the launcher to exit
+    run(main())
+    assert processes_with(marker) == []
+
+
+def test_spec_round_trips_through_the_wire():
+    s = spec("/bin/x", "a", mounts=(Bind("/", "/"),), groups=(1, 2), uid=5, gid=6)
+    assert wire.spec_from_wire(wire.decode(wire.encode({"spec": wire.spec_to_wire(s)}))["spec"]) == s
