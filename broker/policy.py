@@ -23,6 +23,7 @@ without revealing anything about other users.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
 import tomllib
@@ -93,7 +94,12 @@ def load(path: str = DEFAULT_CONFIG) -> Policy:
         raise PolicyError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{path}: {e}") from None
-    return parse(data, path)
+    pol = parse(data, path)
+    if not os.path.isabs(pol.profiles_dir):
+        # relative to the policy file, so a deployment directory is self-contained
+        pol = Policy(os.path.join(os.path.dirname(os.path.abspath(path)), pol.profiles_dir),
+                     pol.grants, pol.limits)
+    return pol
 
 
 def parse(data: dict, where: str = "policy") -> Policy:

@@ -1,0 +1,84 @@
+"""Who is calling: the kernel credentials of a bus connection.
+
+For every sender the broker asks the bus (GetConnectionCredentials): the uid
+and groups decide identity; anything that refers to the caller's process uses
+a pidfd, never a bare pid.  Where the bus hands out a ProcessFD (newer
+dbus-daemon, dbus-broker) that is the pidfd.  Debian 12's dbus-daemon 1.14
+does not, so the broker opens the pidfd itself and then asks the bus again
+for the connection's pid: if the connection still exists with that pid after
+the pidfd was opened, the pidfd names the caller's process and not a recycled
+pid.  Entries are cached per unique name and dropped when the name goes away.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dbus_fast import Message, MessageType
+
+
+class CallerGone(Exception):
+    """The caller disconnected before it could be identified."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str               # unique bus name, e.g. ":1.42"
+    uid: int
+    gids: frozenset[int]
+    pid: int
+    pidfd: int              # owned by the Callers cache
+
+    def describe(self) -> str:
+        return f"uid={self.uid} pid={self.pid} name={self.name}"
+
+
+def _dbus_call(member: str, signature: str = "", body=()) -> Message:
+    return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                   interface="org.freedesktop.DBus", member=member,
+                   signature=signature, body=list(body))
+
+
+class Callers:
+    def __init__(self, bus):
+        self.bus = bus
+        self.cache: dict[str, Caller] = {}
+
+    async def identify(self, sender: str) -> Caller:
+        caller = self.cache.get(sender)
+        if caller is None:
+            caller = await self._ask(sender)
+            self.cache[sender] = caller
+        return caller
+
+    async def _ask(self, sender: str) -> Caller:
+        reply = await self.bus.call(_dbus_call("GetConnectionCredentials", "s", [sender]))
+        if reply.message_type == MessageType.ERROR:
+            raise CallerGone(f"{sender}: {reply.error_name}")
+        creds = {k: v.value for k, v in reply.body[0].items()}
+        uid, pid = creds["UnixUserID"], creds["ProcessID"]
+        gids = frozenset(creds.get("UnixGroupIDs", ()))
+        if "ProcessFD" in creds and reply.unix_fds:
+            pidfd = reply.unix_fds[creds["ProcessFD"]]
+            for extra in reply.unix_fds:
+                if extra != pidfd:
+                    os.close(extra)
+        else:
+            pidfd = await self._pidfd_checked(sender, pid)
+        return Caller(sender, uid, gids, pid, pidfd)
+
+    async def _pidfd_checked(self, sender: str, pid: int) -> int:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise CallerGone(f"{sender}: process {pid} is gone") from None
+        again = await self.bus.call(_dbus_call("GetConnectionUnixProcessID", "s", [sender]))
+        if again.message_type == MessageType.ERROR or again.body[0] != pid:
+            os.close(pidfd)
+            raise CallerGone(f"{sender}: connection went away while being identified")
+        return pidfd
+
+    def forget(self, name: str) -> None:
+        caller = self.cache.pop(name, None)
+        if caller is not None:
+            os.close(caller.pidfd)

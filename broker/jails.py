@@ -1,0 +1,266 @@
+"""The broker's jail core: profiles, request options, limits, live jails.
+
+Nothing here knows D-Bus: the service hands in plain values (who, which
+profile, argv, env, fd numbers, options) and gets back a jail id or a
+BrokerError.  The decisions, in order:
+
+  1. policy.decide        - may this caller launch this profile, as whom;
+  2. limits               - live jails and launch rate per caller uid;
+  3. profile              - the server-side minijail config file, parsed once;
+  4. request              - argv, env and fd numbers are well-formed;
+  5. options              - each one can only tighten the profile;
+  6. launcher             - the spec goes to the launcher process.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import resource
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+
+from .jail import config as jail_config
+from .jail.spec import RLIM_INFINITY, JailSpec, Rlimit
+from .policy import AccessDenied, Policy
+
+MAX_ARGV = 1024
+MAX_ENV = 1024
+MAX_STRING = 64 * 1024
+MAX_TOTAL = 1024 * 1024
+MAX_FD_NUMBER = 1023
+# Environment names the dynamic loader acts on: a caller must never be able
+# to point a jailed program at its own code this way.
+FORBIDDEN_ENV_PREFIXES = ("LD_",)
+
+
+class BrokerError(Exception):
+    """A refusal with a D-Bus error kind: AccessDenied, InvalidArgument,
+    NotFound, PolicyViolation, LimitExceeded, Unsupported, Failed."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def invalid(message: str) -> BrokerError:
+    return BrokerError("InvalidArgument", message)
+
+
+@dataclass
+class LiveJail:
+    jail_id: str
+    owner: str              # unique bus name of the launching caller
+    uid: int                # the caller's uid
+    profile: str
+    argv: tuple[str, ...]
+    pid: int = 0
+    started: float = field(default_factory=time.time)
+    die_with_caller: bool = True
+    timeout: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Rate:
+    tokens: float
+    stamp: float
+
+
+class JailCore:
+    def __init__(self, policy: Policy, launcher_client, on_exited):
+        self.policy = policy
+        self.launcher = launcher_client
+        self.on_exited = on_exited       # (LiveJail, code, signal) -> None
+        self.live: dict[str, LiveJail] = {}
+        self.rates: dict[int, _Rate] = {}
+        self._profiles: dict[str, tuple[float, JailSpec]] = {}
+
+    # -- Launch -----------------------------------------------------------------
+    async def launch(self, caller, profile: str, argv: list[str], env: dict[str, str],
+                     fds: dict[int, int], options: dict) -> LiveJail:
+        grant = self.policy.decide(caller.uid, caller.gids, profile)
+        uid = grant.jail_uid(caller.uid)
+        self._check_limits(caller.uid, grant.limits)
+        check_request(argv, env, fds)
+        base = self.profile_spec(profile)
+        spec = apply_options(base, options)
+        spec = replace(spec, argv=tuple(argv), uid=uid, gid=primary_gid(uid, caller),
+                       groups=(), env_reset=True, env_add=tuple(env.items()),
+                       detach=False, pidfile=None, die_with_parent=True)
+        jail = LiveJail(secrets.token_hex(8), caller.name, caller.uid, profile, tuple(argv),
+                        die_with_caller=bool(options.get("die_with_caller", True)))
+        targets = sorted(fds)
+        from . import wire
+        reply = await self.launcher.request(
+            {"op": "launch", "jail": jail.jail_id, "spec": wire.spec_to_wire(spec),
+             "fd_targets": targets}, [fds[t] for t in targets])
+        jail.pid = reply["pid"]
+        self.live[jail.jail_id] = jail
+        if "timeout_s" in options:
+            jail.timeout = asyncio.get_running_loop().call_later(
+                options["timeout_s"], self._kill_soon, jail.jail_id)
+        return jail
+
+    def _check_limits(self, uid: int, limits) -> None:
+        mine = sum(1 for j in self.live.values() if j.uid == uid)
+        if mine >= limits.max_live_jails:
+            raise BrokerError("LimitExceeded", f"uid {uid} already has {mine} live jails "
+                              f"(limit {limits.max_live_jails})")
+        now = time.monotonic()
+        rate = self.rates.setdefault(uid, _Rate(limits.launches_per_second, now))
+        rate.tokens = min(limits.launches_per_second,
+                          rate.tokens + (now - rate.stamp) * limits.launches_per_second)
+        rate.stamp = now
+        if rate.tokens < 1:
+            raise BrokerError("LimitExceeded", f"uid {uid} launches faster than "
+                              f"{limits.launches_per_second:g} per second")
+        rate.tokens -= 1
+
+    def profile_spec(self, name: str) -> JailSpec:
+        """The profile's spec, parsed once per version of its file."""
+        path = os.path.join(self.policy.profiles_dir, name + ".conf")
+        try:
+            mtime = os.stat(path).st_mtime
+        except FileNotFoundError:
+            raise BrokerError("NotFound", f"no profile {name!r}") from None
+        cached = self._profiles.get(name)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        try:
+            spec = jail_config.parse_command_line(["--config", path, "--", "/bin/true"])
+        except jail_config.ConfigError as e:
+            raise BrokerError("Failed", f"profile {name!r} is broken: {e}") from None
+        self._profiles[name] = (mtime, spec)
+        return spec
+
+    # -- Signal, list, exits ----------------------------------------------------
+    def own(self, caller, jail_id: str) -> LiveJail:
+        jail = self.live.get(jail_id)
+        if jail is None or jail.owner != caller.name:
+            # The same answer whether it is someone else's or does not exist.
+            raise BrokerError("NotFound", f"you have no jail {jail_id!r}")
+        return jail
+
+    async def signal(self, caller, jail_id: str, sig: int) -> None:
+        jail = self.own(caller, jail_id)
+        if not 0 < sig < 65:
+            raise invalid(f"signal {sig} is not a valid signal number")
+        await self.launcher.request({"op": "signal", "jail": jail.jail_id, "signal": sig})
+
+    def list(self, caller) -> list[LiveJail]:
+        return [j for j in self.live.values() if j.owner == caller.name]
+
+    def exited(self, jail_id: str, code, sig) -> None:
+        jail = self.live.pop(jail_id, None)
+        if jail is None:
+            return
+        if jail.timeout:
+            jail.timeout.cancel()
+        self.on_exited(jail, code, sig)
+
+    def caller_gone(self, name: str) -> None:
+        for jail in list(self.live.values()):
+            if jail.owner == name and jail.die_with_caller:
+                self._kill_soon(jail.jail_id)
+
+    def _kill_soon(self, jail_id: str) -> None:
+        if jail_id in self.live:
+            asyncio.ensure_future(self._kill(jail_id))
+
+    async def _kill(self, jail_id: str) -> None:
+        try:
+            await self.launcher.request({"op": "signal", "jail": jail_id, "signal": 9})
+        except Exception:
+            pass          # already gone: its exit event is on the way
+
+
+# -- request checks (pure) ---------------------------------------------------------
+
+def check_request(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> None:
+    if not argv or not argv[0]:
+        raise invalid("argv must name a program")
+    if len(argv) > MAX_ARGV or len(env) > MAX_ENV:
+        raise invalid(f"at most {MAX_ARGV} arguments and {MAX_ENV} environment entries")
+    total = 0
+    for s in list(argv) + list(env) + list(env.values()):
+        if "\0" in s:
+            raise invalid("arguments and environment may not contain NUL")
+        if len(s) > MAX_STRING:
+            raise invalid(f"a string longer than {MAX_STRING} bytes")
+        total += len(s)
+    if total > MAX_TOTAL:
+        raise invalid(f"argv and env together exceed {MAX_TOTAL} bytes")
+    for name in env:
+        if not name or "=" in name:
+            raise invalid(f"environment name {name!r} is empty or contains '='")
+        if name.startswith(FORBIDDEN_ENV_PREFIXES):
+            raise BrokerError("AccessDenied", f"environment name {name!r} is not allowed "
+                              f"(the dynamic loader acts on it)")
+    for n in fds:
+        if not 0 <= n <= MAX_FD_NUMBER:
+            raise invalid(f"fd number {n} is out of range 0..{MAX_FD_NUMBER}")
+
+
+def primary_gid(uid: int, caller) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        if uid == caller.uid and caller.gids:
+            return min(caller.gids)
+        raise BrokerError("Failed", f"uid {uid} has no user entry") from None
+
+
+# -- options: each one only tightens ------------------------------------------------
+
+def apply_options(spec: JailSpec, options: dict) -> JailSpec:
+    known = {"cwd", "no_network", "rlimits", "timeout_s", "die_with_caller"}
+    unknown = set(options) - known
+    if unknown:
+        raise invalid(f"unknown options: {', '.join(sorted(unknown))} "
+                      f"(known: {', '.join(sorted(known))})")
+    if "cwd" in options:
+        cwd = options["cwd"]
+        if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+            raise invalid("option cwd must be an absolute path")
+        spec = replace(spec, cwd=cwd)
+    if options.get("no_network"):
+        spec = replace(spec, namespaces=spec.namespaces | {"net"})
+    if "timeout_s" in options:
+        t = options["timeout_s"]
+        if not isinstance(t, int) or t <= 0:
+            raise invalid("option timeout_s must be a positive number of seconds")
+    if "die_with_caller" in options and not isinstance(options["die_with_caller"], bool):
+        raise invalid("option die_with_caller must be a boolean")
+    if "rlimits" in options:
+        spec = replace(spec, rlimits=_tighter_rlimits(spec, options["rlimits"]))
+    return spec
+
+
+def _tighter_rlimits(spec: JailSpec, asked: dict) -> tuple[Rlimit, ...]:
+    """{"RLIMIT_NOFILE": (soft, hard)}: each at most what the profile (or,
+    where it says nothing, the broker's own limit) would give."""
+    current = {r.resource: r for r in spec.rlimits}
+    for name, value in asked.items():
+        res = getattr(resource, name, None) if name.startswith("RLIMIT_") else None
+        if not isinstance(res, int):
+            raise invalid(f"unknown rlimit {name!r}")
+        try:
+            soft, hard = (int(v) for v in value)
+        except (TypeError, ValueError):
+            raise invalid(f"rlimit {name} must be (soft, hard)") from None
+        if res in current:
+            ceiling = current[res].hard
+        else:
+            h = resource.getrlimit(res)[1]
+            ceiling = RLIM_INFINITY if h == resource.RLIM_INFINITY else h
+        if not 0 <= soft <= hard <= ceiling:
+            raise BrokerError("AccessDenied", f"rlimit {name} ({soft}, {hard}) would loosen "
+                              f"the profile (hard limit at most {ceiling})")
+        current[res] = Rlimit(res, soft, hard)
+    return tuple(current.values())
+
+
+# Referenced by the service for the error mapping of the policy layer.
+__all__ = ["JailCore", "BrokerError", "AccessDenied", "LiveJail", "check_request",
+           "apply_options"]
