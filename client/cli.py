@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         with Broker(args.bus_address) as b:
             return _dispatch(b, args)
     except BrokerCallError as e:
-        print(f"privbroker: {e.message}", file=sys.stderr)
+        print(f"privbroker: {e.message} [{e.name}]", file=sys.stderr)
         return 1
     except (OSError, ValueError) as e:
         print(f"privbroker: {e}", file=sys.stderr)
