@@ -1,11 +1,40 @@
 #!/bin/sh
-# `make run`: jail the probe with a typical service sandbox and show what the
-# jail looks like from inside.  (Until the D-Bus broker lands, this uses privjail
-# directly.)
+# `make run`: a private system-style bus with the project's own policy, the
+# broker on it with the sample deployment, and a jailed command launched
+# through the client, as a newcomer would.
 set -e
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
-echo "\$ privjail -p -v -e -l --uts=demo -n --profile minimalistic-mountns -u nobody -g nogroup -- python3 $PWD/tests/probe.py"
-"$VENV/bin/privjail" -p -v -e -l --uts=demo -n --profile minimalistic-mountns \
-    -u nobody -g nogroup -- /usr/bin/python3 "$PWD/tests/probe.py" \
-  | "$VENV/bin/python" examples/summarize_probe.py
+TOP=$PWD
+getent group privbroker >/dev/null || groupadd --system privbroker
+exec "$VENV/bin/python" - "$VENV" <<PY
+import os, subprocess, sys, time
+sys.path.insert(0, "$TOP/tests")
+from dbus_fixture import PrivateBus
+venv = sys.argv[1]
+with PrivateBus() as bus:
+    print(f"private system bus at {bus.address} (policy: dbus-policy/)")
+    broker = subprocess.Popen([f"{venv}/bin/privbrokerd", "--bus-address", bus.address,
+                               "--config", "examples/broker.toml"])
+    try:
+        for _ in range(100):
+            if subprocess.run(["busctl", f"--address={bus.address}", "status",
+                               "org.privbroker.Broker1"], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        cmd = [f"{venv}/bin/privbroker", "--bus-address", bus.address, "run", "minimal",
+               "--", "/usr/bin/python3", "$TOP/tests/probe.py"]
+        print("$ privbroker run minimal -- python3 tests/probe.py   (as root, via the broker)")
+        probe = subprocess.run(cmd, capture_output=True, text=True)
+        if probe.returncode != 0:
+            sys.exit(f"privbroker run failed ({probe.returncode}): {probe.stderr}")
+        subprocess.run([f"{venv}/bin/python", "examples/summarize_probe.py"],
+                       input=probe.stdout, text=True, check=True)
+        print("$ privbroker run minimal -- /bin/sh -c 'echo hello from \$(hostname); exit 3'")
+        rc = subprocess.call([f"{venv}/bin/privbroker", "--bus-address", bus.address, "run",
+                              "minimal", "--", "/bin/sh", "-c", "echo hello from \$(hostname); exit 3"])
+        print(f"exit status {rc}")
+    finally:
+        broker.terminate()
+        broker.wait()
+PY
