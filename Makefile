@@ -41,6 +41,7 @@ test: deps
 
 bench: deps
 	$(VPY) bench/launch_latency.py
+	$(VPY) bench/broker_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,107 @@
+"""Launch latency through the broker, against bubblewrap, in the same run.
+
+    python bench/broker_latency.py [--runs N]
+
+  broker     Launch("minimal", ["/bin/true"]) -> Exited, from an in-process
+             asyncio client on a private system-style bus (pid, mount, net,
+             ipc, uts namespaces, no_new_privs, minimalistic mounts)
+  bwrap      bwrap --unshare-all --ro-bind / / /bin/true, run in a loop
+  noop       a ListJails round trip on the same bus (the floor of any call)
+Also launches per second, with 8 launches in flight.  Prints figures and
+ratios; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def pct(samples, p):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1000
+
+
+async def measure(address: str, runs: int) -> dict:
+    from client import AsyncBroker
+    b = await AsyncBroker(address).connect()
+    out = {"broker": [], "noop": [], "bwrap": []}
+    bwrap = shutil.which("bwrap")
+    try:
+        for _ in range(10):                                   # warm up
+            jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
+            await b.wait(jid)
+        for _ in range(runs):
+            t = time.perf_counter()
+            jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
+            await b.wait(jid)
+            out["broker"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await b.list_jails()
+            out["noop"].append(time.perf_counter() - t)
+            if bwrap:
+                t = time.perf_counter()
+                subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
+                               check=True)
+                out["bwrap"].append(time.perf_counter() - t)
+        n, t = runs, time.perf_counter()
+        for batch in range(0, n, 8):
+            launched = await asyncio.gather(*(b.launch("minimal", ["/bin/true"], fds={})
+                                              for _ in range(min(8, n - batch))))
+            await asyncio.gather(*(b.wait(j) for j, _ in launched))
+        out["rate"] = n / (time.perf_counter() - t)
+    finally:
+        b.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=200)
+    args = ap.parse_args()
+    from dbus_fixture import PrivateBus, ensure_group
+    ensure_group("privbroker")
+    import tempfile
+    deploy = Path(tempfile.mkdtemp(prefix="privbroker-bench-"))
+    shutil.copytree(ROOT / "examples" / "profiles", deploy / "profiles")
+    (deploy / "broker.toml").write_text(      # the sample, without its rate limit
+        (ROOT / "examples" / "broker.toml").read_text()
+        .replace("launches_per_second = 20", "launches_per_second = 100000"))
+    with PrivateBus() as bus:
+        broker = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
+                                   "--config", str(deploy / "broker.toml"),
+                                   "--log-level", "warning"], cwd=ROOT)
+        try:
+            for _ in range(100):
+                if subprocess.run(["busctl", f"--address={bus.address}", "status",
+                                   "org.privbroker.Broker1"], capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.1)
+            r = asyncio.run(measure(bus.address, args.runs))
+        finally:
+            broker.terminate()
+            broker.wait()
+            shutil.rmtree(deploy, ignore_errors=True)
+    print(f"/bin/true, {args.runs} interleaved runs, {os.cpu_count()} cpus")
+    bw = statistics.median(r["bwrap"]) if r["bwrap"] else None
+    for name in ("bwrap", "broker", "noop"):
+        if not r[name]:
+            continue
+        line = f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p99 {pct(r[name], 99):7.2f} ms"
+        if bw and name != "bwrap":
+            line += f"   x{statistics.median(r[name]) / bw:.2f} of bwrap"
+        print(line)
+    print(f"broker launches per second (8 in flight): {r['rate']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
