@@ -8,7 +8,10 @@ Processes (L is the caller of `launch`, e.g. privjail or the broker's launcher):
                  namespace is created owned by the new user namespace.
   A --fork--> B: with a pid namespace, B is its pid 1.  A reports B's pid and
                  exits; B is re-parented to L, which is a child subreaper.
-                 Without a pid namespace A simply continues as B.
+                 Without a pid namespace A simply continues as B.  Without a
+                 user namespace there is no A at all: L unshares the pid
+                 namespace for its next child only, forks B directly into
+                 it, and restores its own at once (setns).
   B            : builds the jail (JAIL_STEPS).  With a pid namespace and an
                  init, B forks the program C and becomes init (init.py);
                  otherwise B itself is the program.
@@ -210,11 +213,16 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
     prctl.set_child_subreaper(1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     status_r, status_w = os.pipe()
-    pid_a = os.fork()
+    # Without a user namespace, L can fork the jail's pid 1 itself (one fork
+    # fewer): the pid namespace must then be made by L, for its next child
+    # only, and L's own is restored at once.  With one, the pid namespace
+    # must belong to the new user namespace, so A makes both.
+    direct = spec.has("pid") and not spec.has("user")
+    pid_a = _fork_into_new_pid_ns() if direct else os.fork()
     if pid_a == 0:
         ours.close()
         os.close(status_r)
-        _run_child_a(spec, theirs, status_w, fds)   # never returns
+        _run_child_a(spec, theirs, status_w, fds, in_pid_ns=direct)   # never returns
     theirs.close()
     os.close(status_w)
     top = None
@@ -236,13 +244,28 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
         ours.close()
 
 
+def _fork_into_new_pid_ns() -> int:
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sc.unshare(sc.CLONE_NEWPID)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:                   # the parent (or a failed fork): back home
+                sc.setns(own, sc.CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(own)
+
+
 def _drive(spec: JailSpec, sock: socket.socket, pid_a: int) -> int:
     """Talk A through the namespace setup; return the jail's top pid."""
     if spec.has("user"):
         _expect(sock, _MSG_USERNS)
         write_id_maps(pid_a, spec)
         sock.send(_MSG_MAPPED)
-    top = struct.unpack("=i", _expect(sock, _MSG_PID))[0]
+    top = struct.unpack("=i", _expect(sock, _MSG_PID))[0] or pid_a
     if top != pid_a:
         # A exits right after reporting; reaping it is what makes B our child.
         _, status = os.waitpid(pid_a, 0)
@@ -338,7 +361,8 @@ def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
     os._exit(LaunchError(ctx.step, err, "").exit_code)
 
 
-def _run_child_a(spec, sock, status_fd, fds) -> "NoReturn":  # noqa: F821
+def _run_child_a(spec, sock, status_fd, fds, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
+    """A: make the namespaces; fork pid 1 unless we already are it."""
     ctx = _Ctx(spec, sock, status_fd, fds)
     try:
         prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
@@ -348,10 +372,13 @@ def _run_child_a(spec, sock, status_fd, fds) -> "NoReturn":  # noqa: F821
             if sock.recv(16) != _MSG_MAPPED:
                 os._exit(EXIT_SETUP)
         flags = 0
-        for ns in spec.namespaces - {"user"}:
+        for ns in spec.namespaces - {"user"} - ({"pid"} if in_pid_ns else set()):
             flags |= sc.NS_FLAGS[ns]
         if flags:
             sc.unshare(flags)
+        if in_pid_ns:
+            sock.send(_MSG_PID + struct.pack("=i", 0))   # 0: L knows our pid from fork()
+            _run_jail(ctx)
         if spec.has("pid"):
             pid_b = os.fork()   # B: pid 1 of the new pid namespace
             if pid_b == 0:
