@@ -53,6 +53,7 @@ class AsyncBroker:
         self.bus: MessageBus | None = None
         self.in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self.exits: dict[str, asyncio.Future] = {}
+        self.broker_name: str | None = None
 
     async def connect(self) -> "AsyncBroker":
         from broker import busfix
@@ -60,6 +61,11 @@ class AsyncBroker:
         self.bus = MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM,
                               negotiate_unix_fd=True)
         await self.bus.connect()
+        # Anyone on the system bus may send signals: only Exited from the
+        # connection that owns the broker's name counts.
+        (self.broker_name,) = await self._call(
+            "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "GetNameOwner", "s", [BUS_NAME])
         self.bus.add_message_handler(self._on_message)
         await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                          "AddMatch", "s", [f"type='signal',interface='{IFACE}',member='Exited'"])
@@ -71,7 +77,7 @@ class AsyncBroker:
 
     def _on_message(self, msg: Message):
         if (msg.message_type == MessageType.SIGNAL and msg.interface == IFACE
-                and msg.member == "Exited"):
+                and msg.member == "Exited" and msg.sender == self.broker_name):
             jail_id, code, sig = msg.body
             status = ExitStatus(None if code == -1 and sig else code, sig or None)
             self._exit_future(jail_id).set_result(status) \

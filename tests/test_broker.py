@@ -287,3 +287,17 @@ def test_live_jail_limit_per_caller(bus, broker, aio_broker):
             j.signal(9)
         for j in jails:
             j.wait(timeout=20)
+
+
+def test_a_forged_exited_signal_is_ignored(bus, broker, aio_broker):
+    """Any connection may send signals on the system bus; the client only
+    believes Exited from the broker's own connection."""
+    jail = aio_broker.launch("minimal", ["/bin/sleep", "30"], stdin=None)
+    forge = subprocess.run(
+        ["busctl", f"--address={bus.address}", "emit", OBJ, BUS_NAME, "Exited", "sii",
+         jail.jail_id, "0", "0"], capture_output=True, text=True)
+    assert forge.returncode == 0, forge.stderr
+    with pytest.raises(TimeoutError):
+        jail.wait(timeout=0.5)
+    jail.signal(9)
+    assert jail.wait(timeout=20).signal == 9
