@@ -40,11 +40,18 @@ def is_safe(st: os.stat_result) -> bool:
     return st.st_uid in (os.geteuid(), 0) and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
+def _ensure_dir(d: str) -> None:
+    """Create d (and parents) if missing, with exactly our mode whatever the umask."""
+    if not os.path.isdir(d):
+        os.makedirs(d, exist_ok=True)
+        os.chmod(d, 0o755 if os.geteuid() == 0 else 0o700)
+
+
 def cache_dir() -> str | None:
     """The directory to cache in, created if needed; None when none is usable."""
     for d in _candidates():
         try:
-            os.makedirs(d, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+            _ensure_dir(d)
             st = os.stat(d)
         except OSError:
             continue
@@ -81,7 +88,7 @@ def write_atomic(path: str, data: bytes) -> bool:
     """Write data to path atomically (mode 0644); False if that was not possible."""
     d = os.path.dirname(path)
     try:
-        os.makedirs(d, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+        _ensure_dir(d)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     except OSError:
         return False

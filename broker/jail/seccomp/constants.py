@@ -26,11 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
-import shutil
-import subprocess
-import tempfile
 
 from . import cache
 
@@ -109,7 +105,7 @@ class ConstantsUnavailable(RuntimeError):
 
 
 def _arch() -> str:
-    return platform.machine() or "unknown"
+    return os.uname().machine
 
 
 def _kernel_version() -> tuple[int, int]:
@@ -140,6 +136,7 @@ class Constants:
 # -- generation --------------------------------------------------------------
 
 def _compiler() -> str:
+    import shutil
     cc = os.environ.get("CC")
     if cc and shutil.which(cc):
         return cc
@@ -159,7 +156,8 @@ def _prelude(headers) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run(cmd, **kw) -> subprocess.CompletedProcess:
+def _run(cmd, **kw):
+    import subprocess       # only generation needs it
     return subprocess.run(cmd, capture_output=True, text=True, **kw)
 
 
@@ -267,6 +265,7 @@ def _digest(files) -> str:
 
 def generate() -> tuple[dict[str, int], list[str]]:
     """Build the table from the headers now: (name -> value, headers read)."""
+    import tempfile
     cc = _compiler()
     table: dict[str, int] = {}
     files: set[str] = set()
@@ -363,7 +362,13 @@ def ensure_constants(force: bool = False) -> Constants:
                               json.dumps(values, sort_keys=True).encode()):
             meta = {"version": GENERATOR_VERSION, "groups": repr(HEADER_GROUPS),
                     "arch": _arch(), "digest": digest, "table": table_name, "deps": deps}
-            cache.write_atomic(_meta_path(d), json.dumps(meta).encode())
+            if cache.write_atomic(_meta_path(d), json.dumps(meta).encode()):
+                for old in os.listdir(d):          # tables of earlier headers
+                    if old.startswith(f"constants-{_arch()}-") and old != table_name:
+                        try:
+                            os.unlink(os.path.join(d, old))
+                        except OSError:
+                            pass
     return c
 
 

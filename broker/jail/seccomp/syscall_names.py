@@ -12,7 +12,7 @@ syscall here", never a number to filter on.
 """
 from __future__ import annotations
 
-import platform
+import os
 
 # x86_64 syscall numbers newer than (some builds of) libseccomp 2.5.x, from
 # the kernel's arch/x86/entry/syscalls/syscall_64.tbl.  Up to what the
@@ -43,7 +43,7 @@ _reverse: dict[int, str | None] = {}
 
 
 def arch() -> str:
-    return platform.machine()
+    return os.uname().machine
 
 
 def audit_arch() -> tuple[int, bool]:

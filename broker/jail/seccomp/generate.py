@@ -1,0 +1,171 @@
+"""A starting policy from an ``strace -f`` log (minijail's generate_seccomp_policy).
+
+One rule per syscall seen, most frequent first, plus the few every program
+needs to end or return from a signal (restart_syscall, exit, exit_group,
+rt_sigreturn).  A few syscalls get argument filters, as the ChromeOS
+sandboxing guide recommends:
+
+* mmap, mprotect: W^X, ``arg2 in ~PROT_EXEC || arg2 in ~PROT_WRITE`` (unless
+  the log shows a mapping both writable and executable: then exactly the
+  protections seen);
+* socket: the address families seen (arg0);
+* ioctl: the requests seen (arg1);
+* prctl: the options seen (arg0).
+
+Values strace printed symbolically are kept as names when this machine's
+headers define them (checked, so the policy compiles), ``_IOC(...)`` is
+computed, "A or B" (an ambiguous ioctl) takes the name that resolves; a value
+that cannot be resolved is left out with a comment saying so.  Review the
+result: a trace only shows what one run did.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from . import syscall_names
+
+# [pid N] or "N " (strace -f -o), then an optional timestamp, then name(args
+_LINE = re.compile(r"^\s*(?:\[pid\s+\d+\]\s*|\d+\s+)?(?:\d[\d:.]*\s+)?"
+                   r"([a-z_][a-z0-9_]*)\((.*)$")
+_INSPECT = {"socket": 0, "ioctl": 1, "prctl": 0, "mmap": 2, "mprotect": 2}
+_BASIC = ("restart_syscall", "exit", "exit_group", "rt_sigreturn")
+_WX = ("mmap", "mprotect")
+_IOC_DIR = {"_IOC_NONE": 0, "_IOC_WRITE": 1, "_IOC_READ": 2}
+
+
+def _split_args(text: str) -> list[str]:
+    """Top-level comma-separated arguments of an strace call (up to its ')')."""
+    args, depth, cur, i = [], 0, [], 0
+    while i < len(text):
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < len(text) and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            cur.append(text[i:j + 1])
+            i = j + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            if depth == 0:
+                break
+            depth -= 1
+        elif c == "," and depth == 0:
+            args.append("".join(cur).strip())
+            cur = []
+            i += 1
+            continue
+        elif text.startswith("<unfinished", i) and depth == 0:
+            break
+        cur.append(c)
+        i += 1
+    tail = "".join(cur).strip()
+    if tail:
+        args.append(tail)
+    return args
+
+
+class _Resolver:
+    def __init__(self):
+        self._table = None
+        self._failed = False
+
+    def known(self, name: str) -> bool:
+        if self._table is None and not self._failed:
+            from . import constants
+            try:
+                self._table = constants.ensure_constants()
+            except constants.ConstantsUnavailable:
+                self._failed = True
+        return self._table is not None and self._table.get(name) is not None
+
+    def value(self, text: str) -> str | None:
+        """A policy constant expression for an strace-printed value, or None."""
+        text = re.sub(r"/\*.*?\*/", "", text).strip()
+        if not text:
+            return None
+        m = re.fullmatch(r"_IOC\(([^,]+),\s*([^,]+),\s*([^,]+),\s*([^,)]+)\)", text)
+        if m:
+            try:
+                d = 0
+                for part in m.group(1).split("|"):
+                    d |= _IOC_DIR[part.strip()]
+                t, nr, size = (int(m.group(k).strip(), 0) for k in (2, 3, 4))
+            except (KeyError, ValueError):
+                return None
+            return hex((d << 30) | (size << 16) | (t << 8) | nr)
+        if " or " in text:
+            for alt in text.split(" or "):
+                v = self.value(alt)
+                if v is not None:
+                    return v
+            return None
+        parts = [p.strip() for p in text.split("|")]
+        out = []
+        for p in parts:
+            if re.fullmatch(r"-?(0[xX][0-9a-fA-F]+|[0-9]+)", p):
+                out.append(p)
+            elif re.fullmatch(r"[A-Z_][A-Z0-9_]*", p) and self.known(p):
+                out.append(p)
+            else:
+                return None
+        return "|".join(out)
+
+
+def generate_policy(strace_log_text: str) -> str:
+    """A minijail policy allowing what the traced program did (see module doc)."""
+    counts: Counter[str] = Counter()
+    seen: dict[str, list[str]] = {name: [] for name in _INSPECT}
+    for line in strace_log_text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        name = m.group(1)
+        counts[name] += 1
+        if name in _INSPECT:
+            args = _split_args(m.group(2))
+            idx = _INSPECT[name]
+            if idx < len(args) and args[idx] not in seen[name]:
+                seen[name].append(args[idx])
+    for name in _BASIC:
+        counts.setdefault(name, 0)
+
+    resolver = _Resolver()
+    lines = ["# Generated by privjail generate-policy from an strace log.",
+             "# A trace shows one run only: review before use.", ""]
+    for name, _count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        descriptor = name
+        if syscall_names.number(name) is None:
+            m = re.fullmatch(r"syscall_(0x[0-9a-f]+|\d+)", name)
+            nr = int(m.group(1), 0) if m else None
+            if nr is None:
+                lines.append(f"# {name}: not a syscall on {syscall_names.arch()}, left out")
+                continue
+            descriptor = syscall_names.name(nr) or str(nr)
+        if name not in _INSPECT:
+            lines.append(f"{descriptor}: 1")
+            continue
+        arg = _INSPECT[name]
+        values, unresolved = [], []
+        for raw in seen[name]:
+            v = resolver.value(raw)
+            if v is None:
+                unresolved.append(raw)
+            elif v not in values:
+                values.append(v)
+        for raw in unresolved:
+            lines.append(f"# {name}: arg{arg} value {raw!r} seen but not resolvable here, "
+                         f"left out")
+        if name in _WX:
+            wx = any({"PROT_WRITE", "PROT_EXEC"} <= {p.strip() for p in v.split("|")}
+                     for v in values)
+            if not wx:
+                lines.append(f"{descriptor}: arg{arg} in ~PROT_EXEC || arg{arg} in ~PROT_WRITE")
+                continue
+        if values:
+            lines.append(f"{descriptor}: " + " || ".join(f"arg{arg} == {v}" for v in values))
+        else:
+            lines.append(f"# {descriptor}: no resolvable arg{arg} value seen, left out")
+    return "\n".join(lines) + "\n"
