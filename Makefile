@@ -6,8 +6,9 @@ PYTHON   ?= /usr/bin/python3
 VENV     := .venv
 VPY      := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
+# libc6-dev/linux-libc-dev: the headers seccomp policy constants are generated from
 APT_PKGS := python3 python3-venv python3-dev gcc libcap-dev libseccomp2 \
-            bubblewrap dbus strace
+            libc6-dev linux-libc-dev bubblewrap dbus strace
 
 .PHONY: run test bench deps apt-deps clean
 
@@ -27,6 +28,8 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	# compat mode: a plain .pth path, no import hook (privjail starts faster)
 	$(VPY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	# seccomp policy constants, generated once from this machine's headers
+	$(VPY) -c 'from broker.jail.seccomp import ensure_constants; ensure_constants()'
 	touch $(STAMP)
 
 # minijail's minimalistic-mountns profile pivots into /var/empty.
