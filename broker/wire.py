@@ -110,7 +110,7 @@ _INT_OR_NONE = ("uid", "gid", "capabilities", "tmpfs_tmp_size")
 _BOOLS = ("pid_init", "mount_dev", "remount_proc_ro", "ambient", "no_new_privs",
           "env_reset", "detach", "die_with_parent", "landlock_best_effort")
 _STR_OR_NONE = ("hostname", "pivot_root", "chroot", "cwd", "pidfile", "seccomp_policy",
-                "seccomp_bpf")
+                "seccomp_bpf", "seccomp_default")
 
 
 def _check_types(s: JailSpec) -> None:

@@ -1,10 +1,16 @@
 """privjail: run a program in a jail, with minijail0's flags and config files.
 
     privjail [OPTIONS] [--] PROGRAM [ARGS...]
+    privjail compile-policy POLICY OUT.bpf    compile a seccomp policy
+    privjail generate-policy STRACE.LOG...    a starting policy from strace -f
+    (`privjail -- compile-policy` runs a program of that name)
 
 Exit status: the program's exit code, or 128+signal if a signal ended it;
 1 for a usage or config error; 126/127 when the program cannot be executed;
-251 when a mount step failed, 252 another jail step, 254 the jail's init.
+251 when a mount step failed, 252 another jail step (seccomp among them:
+a policy that does not compile is refused before anything is created),
+254 the jail's init.  A syscall the seccomp policy kills ends the program
+with SIGSYS: status 128+31 = 159.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import signal
 import sys
 
 EXIT_USAGE = 1
+SUBCOMMANDS = {"compile-policy": "main_compile", "generate-policy": "main_generate"}
 
 
 def _err(msg: str) -> None:
@@ -23,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if args else EXIT_USAGE
+    subcommand = SUBCOMMANDS.get(args[0])
+    if subcommand is not None:
+        from . import seccomp
+        return getattr(seccomp, subcommand)(args[1:])
     from .config import ConfigError, parse_command_line
     try:
         spec = parse_command_line(args)

@@ -43,8 +43,8 @@ from __future__ import annotations
 import os
 from collections import namedtuple
 
-from .spec import (RLIM_INFINITY, Bind, FsRule, IdMap, JailSpec, Mount, Rlimit, SpecError,
-                   validate)
+from .spec import (RLIM_INFINITY, SECCOMP_DEFAULTS, Bind, FsRule, IdMap, JailSpec, Mount,
+                   Rlimit, SpecError, validate)
 
 CONFIG_HEADER = "% minijail-config-file v0"
 
@@ -94,6 +94,11 @@ _OPTIONS = [
     Opt("m", OPTIONAL, "'INSIDE OUTSIDE COUNT[,INSIDE OUTSIDE COUNT...]'"),
     Opt("M", OPTIONAL, "'INSIDE OUTSIDE COUNT[,INSIDE OUTSIDE COUNT...]'"),
     Opt("n", NO_ARG),
+    Opt("L", NO_ARG),
+    Opt("S", REQUIRED, "a seccomp policy file"),
+    Opt("T", REQUIRED, "static or dynamic"),
+    Opt("Y", NO_ARG),
+    Opt("seccomp-bpf-binary", REQUIRED, "a compiled seccomp filter"),
     Opt("N", NO_ARG),
     Opt("p", NO_ARG),
     Opt("P", REQUIRED, "a directory"),
@@ -120,20 +125,19 @@ _OPTIONS = [
     Opt("cwd", REQUIRED, "a directory inside the jail"),
     Opt("landlock-best-effort", NO_ARG),
     Opt("die-with-parent", NO_ARG),
+    Opt("seccomp-default", REQUIRED, "one of " + ", ".join(SECCOMP_DEFAULTS)),
     # -- recognised, refused --------------------------------------------------
     Opt("a", REQUIRED, "a table name",
         refused=("alternate syscall table", "needs PR_ALT_SYSCALL, a ChromeOS-only "
                  "kernel feature; not supported")),
     Opt("h", NO_ARG, refused=("help", "only available as 'privjail --help' on its own")),
     Opt("H", NO_ARG, refused=("seccomp syscall list", NOT_YET)),
-    Opt("L", NO_ARG, refused=("seccomp logging", NOT_YET)),
-    Opt("s", NO_ARG, refused=("seccomp strict mode", NOT_YET)),
-    Opt("S", REQUIRED, "a seccomp policy file", refused=("seccomp policy", NOT_YET)),
-    Opt("T", REQUIRED, "static or dynamic", refused=("ELF linkage type", NOT_YET)),
+    Opt("s", NO_ARG, refused=("seccomp strict mode", "strict mode allows only read, "
+                                "write, exit and sigreturn, so no program could be exec'd "
+                                "under it; use -S with a policy")),
     Opt("V", REQUIRED, "a mount namespace file", refused=("enter a mount namespace", NOT_YET)),
     Opt("w", NO_ARG, refused=("new session keyring", NOT_YET)),
     Opt("y", NO_ARG, refused=("keep the current supplementary groups", NOT_YET)),
-    Opt("Y", NO_ARG, refused=("seccomp thread sync", NOT_YET)),
     Opt("z", NO_ARG, refused=("do not forward signals", NOT_YET)),
     Opt("allow-speculative-execution", NO_ARG,
         refused=("seccomp speculation mitigations", NOT_YET)),
@@ -144,8 +148,6 @@ _OPTIONS = [
         refused=("default runtime environment", NOT_YET)),
     Opt("preload-library", REQUIRED, "a library path",
         refused=("preload library", "privjail never preloads a library into the program")),
-    Opt("seccomp-bpf-binary", REQUIRED, "a compiled seccomp filter",
-        refused=("compiled seccomp filter", NOT_YET)),
 ]
 
 OPTIONS: dict[str, Opt] = {o.key: o for o in _OPTIONS}
@@ -546,6 +548,7 @@ class _Builder:
         self.gidmap: tuple[IdMap, ...] | str | None = None
         self.propagation_where: str | None = None
         self.root_source: dict[str, str] = {}   # "pivot_root"/"chroot" -> who set it
+        self.seccomp_source: str | None = None  # who gave -S/--seccomp-bpf-binary
 
     # -- helpers -----------------------------------------------------------
     def mount_ns(self) -> None:
@@ -566,6 +569,13 @@ class _Builder:
             self.f["tmpfs_tmp_size"] = size
         elif self.f.get("tmpfs_tmp_size") is None:
             self.f["tmpfs_tmp_size"] = DEFAULT_TMP_SIZE
+
+    def set_seccomp(self, field: str, path: str, source: str) -> None:
+        if self.seccomp_source is not None:
+            raise ValueError(f"a seccomp filter is already given (by "
+                             f"{self.seccomp_source}); a jail has one")
+        self.seccomp_source = source
+        self.f[field] = os.path.abspath(path)
 
     def set_root(self, field: str, path: str, source: str) -> None:
         if field in self.root_source:
@@ -665,6 +675,26 @@ class _Builder:
             self.f["securebits_skip"] = _parse_hex(value, "a hex securebits mask like 0x3")
         elif k == "n":
             self.f["no_new_privs"] = True
+        elif k == "S":
+            self.set_seccomp("seccomp_policy", value, _source(disp, where))
+        elif k == "seccomp-bpf-binary":
+            self.set_seccomp("seccomp_bpf", value, _source(disp, where))
+        elif k == "L":
+            self.f["seccomp_default"] = "log"
+        elif k == "seccomp-default":
+            if value not in SECCOMP_DEFAULTS:
+                raise _bad("one of " + ", ".join(SECCOMP_DEFAULTS), value)
+            self.f["seccomp_default"] = value
+        elif k == "T":
+            # minijail: 'dynamic' installs the filter after exec through a
+            # preloaded library, 'static' before exec.  privjail never
+            # preloads: it always installs before exec, which filters the
+            # dynamic loader too, so either value is honoured as "at least
+            # as strict" and the policy must allow execve (checked at launch).
+            if value not in ("static", "dynamic"):
+                raise _bad("static or dynamic", value)
+        elif k == "Y":
+            pass    # thread sync: every filter privjail loads uses TSYNC already
         elif k == "env-reset":
             self.f["env_reset"] = True
             self.env.clear()          # minijail: --env-reset discards earlier --env-add

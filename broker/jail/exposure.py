@@ -371,8 +371,9 @@ def explain_data(spec: JailSpec, launcher_uid: int = 0, *,
                          "names": ("all" if p.caps == ALL_CAPS else cap_names(p.caps))},
         "namespaces": sorted(spec.namespaces),
         "seccomp": {"enforcing": seccomp, "what": seccomp_why,
-                    "default": spec.seccomp_default if (spec.seccomp_policy or spec.seccomp_bpf)
-                    else None},
+                    "default": (spec.seccomp_default or "policy's own (kill-process unless "
+                                "@default says otherwise)")
+                    if (spec.seccomp_policy or spec.seccomp_bpf) else None},
         "landlock": {"enforced": landlock, "what": landlock_why,
                      "rules": [[r.path, r.access] for r in spec.landlock]},
         "no_new_privs": spec.no_new_privs,

@@ -50,6 +50,7 @@ from .identity import drop_everything_for_init, drop_privileges
 from .init import FORWARDED, run_init
 from .landlock import build_ruleset
 from .mounts import setup_filesystem
+from .seccomp.load import PreparedFilter, prepare_filter
 from .spec import RLIM_INFINITY, JailSpec, validate
 
 # Exit statuses privjail uses for a launch that never reached the program
@@ -210,6 +211,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
     launcher, and what lets the jail's pid 1 be our child).
     """
     validate(spec)
+    seccomp = seccomp_filter(spec)   # a policy that cannot compile: refused before any fork
     prctl.set_child_subreaper(1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     status_r, status_w = os.pipe()
@@ -222,7 +224,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
     if pid_a == 0:
         ours.close()
         os.close(status_r)
-        _run_child_a(spec, theirs, status_w, fds, in_pid_ns=direct)   # never returns
+        _run_child_a(_Ctx(spec, theirs, status_w, fds, seccomp), in_pid_ns=direct)  # no return
     theirs.close()
     os.close(status_w)
     top = None
@@ -242,6 +244,40 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
         raise
     finally:
         ours.close()
+
+
+def seccomp_filter(spec: JailSpec) -> PreparedFilter | None:
+    """The jail's seccomp program, compiled (or read) here in L so that the
+    child only has to load it: a policy is cached by content, so this is a
+    file read on every launch but the first."""
+    if not (spec.seccomp_policy or spec.seccomp_bpf):
+        return None
+    from .seccomp import PolicyError, compiled_filter
+    from .seccomp.exec_check import check_allows_execve
+    try:
+        if spec.seccomp_policy:
+            bpf = compiled_filter(spec.seccomp_policy, spec.seccomp_default)
+        else:
+            bpf = _read_bpf_file(spec.seccomp_bpf)
+        check_allows_execve(bpf, spec.seccomp_policy or spec.seccomp_bpf)
+        return prepare_filter(bpf)
+    except PolicyError as e:
+        raise LaunchError("seccomp", _errno.EINVAL, str(e)) from None
+    except ValueError as e:                 # a malformed compiled program
+        raise LaunchError("seccomp", _errno.EINVAL,
+                          f"{spec.seccomp_bpf or spec.seccomp_policy}: {e}") from None
+
+
+def _read_bpf_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(BPF_FILE_LIMIT + 1)
+    except OSError as e:
+        raise LaunchError("seccomp", e.errno, f"cannot read compiled filter {path}: "
+                          f"{e.strerror}") from None
+
+
+BPF_FILE_LIMIT = 4096 * 8      # BPF_MAXINSNS instructions of 8 bytes
 
 
 def _fork_into_new_pid_ns() -> int:
@@ -343,10 +379,11 @@ def _remove_quietly(path: str) -> None:
 class _Ctx:
     """What the child steps share: the spec, the control socket, the fds."""
 
-    def __init__(self, spec, sock, status_fd, fds):
+    def __init__(self, spec, sock, status_fd, fds, seccomp=None):
         self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
         self.step = "namespaces"
         self.ruleset = None       # the Landlock ruleset, built in the jail's view
+        self.seccomp: PreparedFilter | None = seccomp   # compiled by L, loaded by C
 
 
 def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
@@ -361,9 +398,9 @@ def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
     os._exit(LaunchError(ctx.step, err, "").exit_code)
 
 
-def _run_child_a(spec, sock, status_fd, fds, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
+def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
     """A: make the namespaces; fork pid 1 unless we already are it."""
-    ctx = _Ctx(spec, sock, status_fd, fds)
+    spec, sock = ctx.spec, ctx.sock
     try:
         prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
         if spec.has("user"):
@@ -539,16 +576,33 @@ def _step_landlock(ctx: _Ctx) -> None:
         ctx.ruleset.restrict_self()
 
 
+def _step_seccomp_privileged(ctx: _Ctx) -> None:
+    # Without no_new_privs, installing a filter needs CAP_SYS_ADMIN, which
+    # only the not-yet-dropped identity has: minijail's order, and the same
+    # consequence: the policy must allow the identity change's syscalls.
+    if ctx.seccomp is not None and not ctx.spec.no_new_privs:
+        ctx.seccomp.load()
+
+
+def _step_seccomp(ctx: _Ctx) -> None:
+    # With no_new_privs: the last thing before exec, so the policy only has
+    # to allow what the program (and execve itself) does.
+    if ctx.seccomp is not None and ctx.spec.no_new_privs:
+        ctx.seccomp.load()
+
+
 # The program's process, C (or B when it has no init).  Order and why:
 PROGRAM_STEPS = (
     ("signals", _step_signals),        # before anything can block in exec
     ("landlock", _step_landlock_privileged),  # only without no_new_privs: needs CAP_SYS_ADMIN
+    ("seccomp", _step_seccomp_privileged),    # likewise; after Landlock, whose syscalls
+                                              # the policy then need not allow
     ("identity", _step_identity),      # groups, gid, uid, caps, securebits, no_new_privs
     ("die-with-parent", _die_with_parent),  # again: the uid change cleared PDEATHSIG
-    ("landlock", _step_landlock),      # after no_new_privs and after mounts
-
+    ("landlock", _step_landlock),      # after no_new_privs and after mounts; before seccomp
     ("fds", _step_fds),                # after identity: nothing above needs them
     ("cwd", _step_cwd),                # as the jailed user, so its access rights apply
+    ("seccomp", _step_seccomp),        # last before exec: the policy need allow little else
     ("exec", _step_exec),              # last; the control socket closes on success
 )
 

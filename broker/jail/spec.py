@@ -107,7 +107,10 @@ class JailSpec:
     landlock_best_effort: bool = False # True: a kernel without Landlock is not an error
     seccomp_policy: str | None = None  # -S: a policy in minijail's language
     seccomp_bpf: str | None = None     # --seccomp-bpf-binary: a compiled program
-    seccomp_default: str = "kill-process"   # action for unlisted syscalls; -L: "log"
+    # Action for unlisted syscalls: None means the policy's @default, else
+    # kill-process; -L sets "log".  A compiled filter (-seccomp-bpf) has its
+    # own default built in, so it takes none.
+    seccomp_default: str | None = None
 
     # -- process ----------------------------------------------------------
     env_reset: bool = False
@@ -233,8 +236,14 @@ def _id_maps_valid(s: JailSpec) -> str | None:
 def _one_seccomp_source(s: JailSpec) -> str | None:
     if s.seccomp_policy and s.seccomp_bpf:
         return "a seccomp policy (-S) and a compiled filter (--seccomp-bpf-binary) exclude each other"
-    if s.seccomp_default not in SECCOMP_DEFAULTS:
-        return f"seccomp default action must be one of {', '.join(SECCOMP_DEFAULTS)}"
+    if s.seccomp_default is not None:
+        if s.seccomp_default not in SECCOMP_DEFAULTS:
+            return f"seccomp default action must be one of {', '.join(SECCOMP_DEFAULTS)}"
+        if s.seccomp_bpf:
+            return ("a compiled filter (--seccomp-bpf-binary) has its default action built "
+                    "in; -L and --seccomp-default need a policy (-S)")
+        if not s.seccomp_policy:
+            return "a seccomp default action (-L, --seccomp-default) needs a policy (-S)"
     return None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 
 ENV_VAR = "PRIVBROKER_CACHE_DIR"
 
@@ -89,6 +88,7 @@ def write_atomic(path: str, data: bytes) -> bool:
     d = os.path.dirname(path)
     try:
         _ensure_dir(d)
+        import tempfile     # only on a write: a cache hit should not pay its import
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     except OSError:
         return False
