@@ -9,7 +9,9 @@ BrokerError.  The decisions, in order:
   3. profile              - the server-side minijail config file, parsed once;
   4. request              - argv, env and fd numbers are well-formed;
   5. options              - each one can only tighten the profile;
-  6. launcher             - the spec goes to the launcher process.
+  6. exposure             - the final spec must not be in the forbidden
+                            intersection (jail/exposure.py decides);
+  7. launcher             - the spec goes to the launcher process.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from .jail import config as jail_config
+from .jail import landlock
+from .jail.exposure import check_forbidden_intersection
 from .jail.spec import RLIM_INFINITY, JailSpec, Rlimit
 from .policy import AccessDenied, Policy
 
@@ -75,6 +79,7 @@ class JailCore:
         self.live: dict[str, LiveJail] = {}
         self.rates: dict[int, _Rate] = {}
         self._profiles: dict[str, tuple[float, JailSpec]] = {}
+        self.landlock_abi = landlock.abi_version()   # 0: Landlock rules would enforce nothing
 
     # -- Launch -----------------------------------------------------------------
     async def launch(self, caller, profile: str, argv: list[str], env: dict[str, str],
@@ -88,6 +93,7 @@ class JailCore:
         spec = replace(spec, argv=tuple(argv), uid=uid, gid=primary_gid(uid, caller),
                        groups=(), env_reset=True, env_add=tuple(env.items()),
                        detach=False, pidfile=None, die_with_parent=True)
+        self._check_exposure(profile, spec)
         jail = LiveJail(secrets.token_hex(8), caller.name, caller.uid, profile, tuple(argv),
                         die_with_caller=bool(options.get("die_with_caller", True)))
         targets = sorted(fds)
@@ -101,6 +107,18 @@ class JailCore:
             jail.timeout = asyncio.get_running_loop().call_later(
                 options["timeout_s"], self._kill_soon, jail.jail_id)
         return jail
+
+    def _check_exposure(self, profile: str, spec: JailSpec) -> None:
+        """The broker never starts a jail in the forbidden intersection, whatever
+        the profile says: the launcher runs as root, so that is what a spec
+        without a uid change would get."""
+        verdict = check_forbidden_intersection(spec, 0, landlock_abi=self.landlock_abi)
+        if verdict.forbidden:
+            raise BrokerError("PolicyViolation",
+                              f"profile {profile!r} would run uid {verdict.host_uid} in the "
+                              f"forbidden intersection ("
+                              + "; ".join(f"{n}: {e.reason}" for n, e in verdict.escapes())
+                              + f"); the profile must {verdict.missing()}")
 
     def _check_limits(self, uid: int, limits) -> None:
         mine = sum(1 for j in self.live.values() if j.uid == uid)

@@ -3,9 +3,13 @@
     privbroker [--bus-address ADDR] run PROFILE [--cwd DIR] [--timeout S] -- CMD [ARGS...]
     privbroker [--bus-address ADDR] jails
     privbroker [--bus-address ADDR] kill JAIL_ID [SIGNAL]
+    privbroker audit [--json] [--allowlist FILE]     processes in the forbidden intersection
+    privbroker watch [--allowlist FILE] [--exec CMD] processes that become root (JSON lines)
+    privbroker explain PROFILE [--uid UID] [--json]  how exposed a profile's jails would be
 
 `run` wires the terminal's stdin/stdout/stderr into the jail, waits for it,
-and exits with its status (128+signal when a signal ended it).
+and exits with its status (128+signal when a signal ended it).  audit, watch
+and explain run locally, without the bus (client/local.py).
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .local import LOCAL
+    if argv and argv[0] in LOCAL:
+        return LOCAL[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     from .api import Broker, BrokerCallError
     try:

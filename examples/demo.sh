@@ -34,6 +34,18 @@ with PrivateBus() as bus:
         rc = subprocess.call([f"{venv}/bin/privbroker", "--bus-address", bus.address, "run",
                               "minimal", "--", "/bin/sh", "-c", "echo hello from \$(hostname); exit 3"])
         print(f"exit status {rc}")
+        print("$ privbroker run filtered -- /bin/cat /etc/hostname /root/.profile   "
+              "(seccomp + Landlock profile)")
+        rc = subprocess.call([f"{venv}/bin/privbroker", "--bus-address", bus.address, "run",
+                              "filtered", "--", "/bin/cat", "/etc/hostname", "/root/.profile"])
+        print(f"exit status {rc} (Landlock: /root is outside the profile's paths)")
+        print("$ privbroker run filtered -- /bin/sh -c true   (the shell is not in its policy)")
+        rc = subprocess.call([f"{venv}/bin/privbroker", "--bus-address", bus.address, "run",
+                              "filtered", "--", "/bin/sh", "-c", "true"])
+        print(f"exit status {rc} = 128 + SIGSYS: seccomp killed it")
+        print("$ privbroker explain --config examples/broker.toml filtered --uid 1000")
+        subprocess.call([f"{venv}/bin/privbroker", "explain", "--config", "examples/broker.toml",
+                         "filtered", "--uid", "1000"])
     finally:
         broker.terminate()
         broker.wait()

@@ -53,10 +53,16 @@ class Run:
 
 
 def privjail(*flags: str, program: list[str] | None = None, probe_args=(), timeout=60,
-             **popen_kw) -> Run:
-    """Run privjail FLAGS -- PROGRAM (the probe by default)."""
+             allow_forbidden: bool = True, **popen_kw) -> Run:
+    """Run privjail FLAGS -- PROGRAM (the probe by default).
+
+    Most tests study one flag at a time, as root, and so build jails in the
+    forbidden intersection: they pass --allow-forbidden-intersection unless
+    asked not to (test_exposure_cli.py tests the refusal itself)."""
     if program is None:
         program = [JAIL_PYTHON, PROBE, *probe_args]
+    if allow_forbidden:
+        flags = ("--allow-forbidden-intersection", *flags)
     p = subprocess.run([*PRIVJAIL, *flags, "--", *program], cwd=ROOT, capture_output=True,
                        text=True, timeout=timeout, **popen_kw)
     return Run(p.returncode, p.stdout, p.stderr)

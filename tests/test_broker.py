@@ -34,9 +34,11 @@ def deployment():
     toml = (ROOT / "examples" / "broker.toml").read_text()
     toml = toml.replace("launches_per_second = 20", "launches_per_second = 1000")
     toml += ('\n[[grant]]\nname = "root-extra"\nusers = ["root"]\n'
-             'profiles = ["vanished"]\n')
+             'profiles = ["vanished", "exposed"]\n')
     (d / "broker.toml").write_text(toml)
     (d / "profiles" / "ungranted.conf").write_text("% minijail-config-file v0\np\nn\n")
+    # Granted, but for root it would be root in the init namespaces, unfiltered.
+    (d / "profiles" / "exposed.conf").write_text("% minijail-config-file v0\nn\ne\n")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -111,6 +113,16 @@ def test_a_profile_without_a_grant_is_refused_by_the_broker(bus, broker):
     assert r.returncode == 1
     assert "org.privbroker.Error.AccessDenied" in r.stderr
     assert "no grant lets uid 0 launch profile 'ungranted'" in r.stderr
+
+
+def test_a_profile_in_the_forbidden_intersection_is_a_policy_violation(bus, broker):
+    before = set(processes_with("/bin/true"))
+    r = client(bus, "run", "exposed", "--", "/bin/true")
+    assert r.returncode == 1
+    assert "org.privbroker.Error.PolicyViolation" in r.stderr
+    assert "forbidden intersection" in r.stderr and "add at least one of" in r.stderr
+    assert "a seccomp policy (-S)" in r.stderr          # names what is missing
+    assert set(processes_with("/bin/true")) <= before
 
 
 class _Nobody:

@@ -1,6 +1,8 @@
 """privjail: run a program in a jail, with minijail0's flags and config files.
 
     privjail [OPTIONS] [--] PROGRAM [ARGS...]
+    privjail --dry-run [OPTIONS] [PROGRAM...]  print the spec as JSON, launch nothing
+    privjail --explain [OPTIONS] [PROGRAM...]  how exposed the jail would be
     privjail compile-policy POLICY OUT.bpf    compile a seccomp policy
     privjail generate-policy STRACE.LOG...    a starting policy from strace -f
     (`privjail -- compile-policy` runs a program of that name)
@@ -11,9 +13,14 @@ Exit status: the program's exit code, or 128+signal if a signal ended it;
 a policy that does not compile is refused before anything is created),
 254 the jail's init.  A syscall the seccomp policy kills ends the program
 with SIGSYS: status 128+31 = 159.
+
+A jail in the forbidden intersection (root or CAP_SYS_ADMIN, in the init
+pid and mount namespaces, without seccomp plus Landlock) is refused unless
+--allow-forbidden-intersection is given.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -34,13 +41,61 @@ def main(argv: list[str] | None = None) -> int:
     if subcommand is not None:
         from . import seccomp
         return getattr(seccomp, subcommand)(args[1:])
-    from .config import ConfigError, parse_command_line
+    from .config import ConfigError, parse_invocation
     try:
-        spec = parse_command_line(args)
+        inv = parse_invocation(args)
     except ConfigError as e:
         _err(str(e))
         return EXIT_USAGE
-    return run(spec)
+    if "dry-run" in inv.modes:
+        return dry_run(inv)
+    if "explain" in inv.modes:
+        from .exposure import explain
+        print(explain(inv.spec, os.getuid(), landlock_abi=_landlock_abi()))
+        return 0
+    if not inv.program_given:
+        _err("no program to run (give one after the options, or use --dry-run/--explain)")
+        return EXIT_USAGE
+    if not _exposure_allowed(inv):
+        return EXIT_USAGE
+    return run(inv.spec)
+
+
+def _landlock_abi() -> int:
+    from .landlock import abi_version
+    return abi_version()
+
+
+def _exposure_allowed(inv) -> bool:
+    """The forbidden intersection: refused unless explicitly allowed, and then
+    said out loud.  The decision itself is exposure.py's."""
+    from .exposure import check_forbidden_intersection
+    verdict = check_forbidden_intersection(inv.spec, os.getuid(), landlock_abi=_landlock_abi())
+    if not verdict.forbidden:
+        return True
+    why = "; ".join(f"{name}: {e.reason}" for name, e in verdict.escapes())
+    if "allow-forbidden-intersection" in inv.modes:
+        _err(f"warning: this jail is in the forbidden intersection ({why}); running it "
+             f"because --allow-forbidden-intersection was given")
+        return True
+    _err(f"refusing a jail in the forbidden intersection ({why}); {verdict.missing()}. "
+         f"--explain shows the whole picture; --allow-forbidden-intersection runs it anyway")
+    return False
+
+
+def dry_run(inv) -> int:
+    """Print the spec as JSON, with what this host could not resolve; launch nothing."""
+    import json
+    from .hostcheck import host_problems
+    from .spec import to_dict
+    warnings = list(inv.host_problems) + host_problems(inv.spec, inv.program_given)
+    spec = to_dict(inv.spec)
+    if not inv.program_given:
+        spec["argv"] = []
+    print(json.dumps({"spec": spec, "warnings": warnings}, indent=2, sort_keys=True))
+    for w in warnings:
+        _err(f"warning: {w}")
+    return 0
 
 
 def run(spec) -> int:

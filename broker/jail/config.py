@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 from collections import namedtuple
+from dataclasses import dataclass
 
 from .spec import (RLIM_INFINITY, SECCOMP_DEFAULTS, Bind, FsRule, IdMap, JailSpec, Mount,
                    Rlimit, SpecError, validate)
@@ -72,7 +73,9 @@ NOT_YET = "not supported yet"
 # key: the dispatch name (the short letter, or the long name); arg: NO_ARG,
 # REQUIRED or OPTIONAL; metavar: what the argument should look like (for
 # errors); refused: None, or (what the option does, why privjail refuses it).
-Opt = namedtuple("Opt", "key arg metavar refused", defaults=("", None))
+# cli_only: a mode of the privjail command itself (not part of the jail), so
+# never allowed in a config file.
+Opt = namedtuple("Opt", "key arg metavar refused cli_only", defaults=("", None, False))
 
 
 _OPTIONS = [
@@ -126,6 +129,10 @@ _OPTIONS = [
     Opt("landlock-best-effort", NO_ARG),
     Opt("die-with-parent", NO_ARG),
     Opt("seccomp-default", REQUIRED, "one of " + ", ".join(SECCOMP_DEFAULTS)),
+    # privjail's modes: what to do with the spec, not what the jail is
+    Opt("dry-run", NO_ARG, cli_only=True),
+    Opt("explain", NO_ARG, cli_only=True),
+    Opt("allow-forbidden-intersection", NO_ARG, cli_only=True),
     # -- recognised, refused --------------------------------------------------
     Opt("a", REQUIRED, "a table name",
         refused=("alternate syscall table", "needs PR_ALT_SYSCALL, a ChromeOS-only "
@@ -246,6 +253,9 @@ def _parse_config_line(path: str, lineno: int, line: str) -> Entry:
     if opt.key == "config":
         raise ConfigError(f"{where}option {disp}: a config file may not include "
                           f"another config file")
+    if opt.cli_only:
+        raise ConfigError(f"{where}option {disp}: a mode of the privjail command, only "
+                          f"allowed on its command line")
     if opt.refused is None:       # refused options are reported when processed
         if opt.arg == NO_ARG and value is not None:
             raise ConfigError(f"{where}option {disp}: takes no value, got {value!r}")
@@ -487,6 +497,12 @@ def parse_rlimit(text: str) -> Rlimit:
     return Rlimit(kind, cur, lim)
 
 
+class HostLookupError(ValueError):
+    """A name this host does not know (a user, a group).  The spec is fine;
+    the host is not the one it was written for: an error for a launch, a
+    warning for --dry-run."""
+
+
 # Identity lookups: module-level so tests can substitute a fake user database.
 
 def lookup_user(text: str) -> tuple[int, str | None, int | None]:
@@ -500,7 +516,7 @@ def lookup_user(text: str) -> tuple[int, str | None, int | None]:
     try:
         pw = pwd.getpwnam(text)
     except KeyError:
-        raise ValueError(f"unknown user {text!r}") from None
+        raise HostLookupError(f"unknown user {text!r}") from None
     return pw.pw_uid, pw.pw_name, pw.pw_gid
 
 
@@ -515,7 +531,7 @@ def lookup_group(text: str) -> int:
     try:
         return grp.getgrnam(text).gr_gid
     except KeyError:
-        raise ValueError(f"unknown group {text!r}") from None
+        raise HostLookupError(f"unknown group {text!r}") from None
 
 
 def user_groups(name: str, gid: int) -> tuple[int, ...]:
@@ -549,6 +565,8 @@ class _Builder:
         self.propagation_where: str | None = None
         self.root_source: dict[str, str] = {}   # "pivot_root"/"chroot" -> who set it
         self.seccomp_source: str | None = None  # who gave -S/--seccomp-bpf-binary
+        self.modes: set[str] = set()            # --dry-run, --explain, ...
+        self.host_problems: list[str] = []      # unknown users/groups, as messages
 
     # -- helpers -----------------------------------------------------------
     def mount_ns(self) -> None:
@@ -587,7 +605,9 @@ class _Builder:
     def apply(self, opt: Opt, value: str | None, disp: str, where: str) -> None:
         """Apply one option; ValueError text is wrapped by the caller."""
         k = opt.key
-        if k == "v":
+        if opt.cli_only:
+            self.modes.add(k)
+        elif k == "v":
             self.mount_ns()
         elif k == "p":
             self.pid_ns()
@@ -764,11 +784,14 @@ class _Builder:
                 raise ConfigError(f"{where}option {disp}: cannot be combined with "
                                   f"--add-suppl-group")
             name, primary = self.user
-            if name is None:
+            if name is None and self.host_problems:
+                pass          # -u named a user this host lacks: already reported
+            elif name is None:
                 got = "no -u" if self.uid is None else f"numeric uid {self.uid}"
                 raise ConfigError(f"{where}option {disp}: needs a user name given to -u "
                                   f"(got {got})")
-            f["groups"] = user_groups(name, primary)
+            else:
+                f["groups"] = user_groups(name, primary)
         elif self.suppl:
             f["groups"] = tuple(self.suppl)
         elif self.uid is not None or self.gid is not None:
@@ -803,6 +826,10 @@ def _apply(b: _Builder, opt: Opt, name: str, value: str | None, where: str) -> N
         b.apply(opt, value, disp, where)
     except _Refusal as r:
         raise ConfigError(f"{where}option {disp} ({r.what}): {r.why}") from None
+    except HostLookupError as e:
+        # Kept, not raised: whether it is an error depends on --dry-run,
+        # which may come later on the command line (see Builder.finish).
+        b.host_problems.append(f"{where}option {disp}: {e}")
     except ValueError as e:
         raise ConfigError(f"{where}option {disp}: {e}") from None
 
@@ -826,7 +853,43 @@ def parse_command_line(args: list[str]) -> JailSpec:
     Options stop at '--' or at the first argument that is not an option.
     Short options cluster (-pvr) and take their argument attached or as the
     next word (-unobody, -u nobody); optional arguments must be attached
-    (-Kprivate, -t128M, --uts=name), as with getopt(3)."""
+    (-Kprivate, -t128M, --uts=name), as with getopt(3).  A user or group
+    this host does not know is an error."""
+    b, program = _parse(args)
+    if b.host_problems:
+        raise ConfigError(b.host_problems[0])
+    return b.finish(program)
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """What privjail was asked: the spec, its modes, and (in --dry-run only)
+    what this host could not resolve."""
+    spec: JailSpec
+    modes: frozenset[str]
+    host_problems: tuple[str, ...] = ()
+    program_given: bool = True
+
+
+DRY_RUN_PLACEHOLDER = ("<no program>",)
+
+
+def parse_invocation(args: list[str]) -> Invocation:
+    """parse_command_line, plus privjail's modes.  With --dry-run, a user or
+    group this host does not know is listed instead of raised (the spec then
+    leaves that id unchanged), and the program may be left out."""
+    b, program = _parse(args)
+    dry = "dry-run" in b.modes
+    if b.host_problems and not dry:
+        raise ConfigError(b.host_problems[0])
+    given = bool(program)
+    if not given and b.modes & {"dry-run", "explain"}:
+        program = list(DRY_RUN_PLACEHOLDER)
+    return Invocation(b.finish(program), frozenset(b.modes), tuple(b.host_problems), given)
+
+
+def _parse(args: list[str]) -> tuple["_Builder", list[str]]:
+    """Apply every option in order; return the builder and the program argv."""
     b = _Builder()
     i = 0
     while i < len(args):
@@ -882,11 +945,21 @@ def parse_command_line(args: list[str]) -> JailSpec:
                 _apply(b, opt, c, args[i], "")
             break
         i += 1
-    return b.finish(args[i:])
+    return b, args[i:]
+
+
+# Options naming a file that travels with the config file: a relative path
+# in a config file is relative to the file's directory (a privjail extension;
+# minijail would take it relative to its working directory, so the corpus
+# only uses absolute paths), so a profile and its policy can move together.
+_BESIDE_THE_FILE = ("S", "seccomp-bpf-binary")
 
 
 def _include(b: _Builder, path: str) -> None:
     """--config FILE: apply the file's entries where the option stands."""
     for e in parse_config_file(path):
         opt = LONG[e.key] if len(e.key) > 1 else SHORT[e.key]
-        _apply(b, opt, e.key, e.value, e.where)
+        value = e.value
+        if opt.key in _BESIDE_THE_FILE and value and not os.path.isabs(value):
+            value = os.path.join(os.path.dirname(os.path.abspath(path)), value)
+        _apply(b, opt, e.key, value, e.where)
