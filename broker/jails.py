@@ -63,6 +63,7 @@ class LiveJail:
     started: float = field(default_factory=time.time)
     die_with_caller: bool = True
     timeout: asyncio.TimerHandle | None = None
+    limits: dict = field(default_factory=dict)   # the cgroup limits it runs under
 
 
 @dataclass
@@ -75,7 +76,7 @@ class JailCore:
     def __init__(self, policy: Policy, launcher_client, on_exited):
         self.policy = policy
         self.launcher = launcher_client
-        self.on_exited = on_exited       # (LiveJail, code, signal) -> None
+        self.on_exited = on_exited       # (LiveJail, code, signal, oom) -> None
         self.live: dict[str, LiveJail] = {}
         self.rates: dict[int, _Rate] = {}
         self._profiles: dict[str, tuple[float, JailSpec]] = {}
@@ -92,15 +93,27 @@ class JailCore:
         spec = apply_options(base, options)
         spec = replace(spec, argv=tuple(argv), uid=uid, gid=primary_gid(uid, caller),
                        groups=(), env_reset=True, env_add=tuple(env.items()),
-                       detach=False, pidfile=None, die_with_parent=True)
+                       detach=False, pidfile=None, die_with_parent=True,
+                       # never the broker's session keyring (possession would
+                       # give a jail whatever keys the broker's session holds)
+                       new_session_keyring=True)
+        # Every broker jail has its own cgroup: Signal and a caller's exit
+        # kill every process in it (kill-all), ListJails reads its accounting.
+        spec = replace(spec, own_cgroup=True)
         self._check_exposure(profile, spec)
         jail = LiveJail(secrets.token_hex(8), caller.name, caller.uid, profile, tuple(argv),
                         die_with_caller=bool(options.get("die_with_caller", True)))
+        jail.limits = {k: getattr(spec, k) for k in CGROUP_LIMITS
+                       if getattr(spec, k) is not None}
         targets = sorted(fds)
         from . import wire
-        reply = await self.launcher.request(
-            {"op": "launch", "jail": jail.jail_id, "spec": wire.spec_to_wire(spec),
-             "fd_targets": targets}, [fds[t] for t in targets])
+        from .launcher import LauncherFailed
+        try:
+            reply = await self.launcher.request(
+                {"op": "launch", "jail": jail.jail_id, "spec": wire.spec_to_wire(spec),
+                 "fd_targets": targets}, [fds[t] for t in targets])
+        except LauncherFailed as e:
+            raise BrokerError(_LAUNCHER_ERRORS.get(e.kind, "Failed"), str(e)) from None
         jail.pid = reply["pid"]
         self.live[jail.jail_id] = jail
         if "timeout_s" in options:
@@ -169,13 +182,23 @@ class JailCore:
     def list(self, caller) -> list[LiveJail]:
         return [j for j in self.live.values() if j.owner == caller.name]
 
-    def exited(self, jail_id: str, code, sig) -> None:
+    async def stats(self, jail: LiveJail) -> dict:
+        """The jail's cgroup accounting now: memory_bytes, pids, cpu_usec,
+        oom_kills (what this machine accounts); {} once it is gone."""
+        try:
+            reply = await self.launcher.request({"op": "stats", "jail": jail.jail_id})
+        except Exception:
+            return {}         # exited meanwhile: its exit event is on the way
+        stats = reply.get("stats")
+        return stats if isinstance(stats, dict) else {}
+
+    def exited(self, jail_id: str, code, sig, oom: bool = False) -> None:
         jail = self.live.pop(jail_id, None)
         if jail is None:
             return
         if jail.timeout:
             jail.timeout.cancel()
-        self.on_exited(jail, code, sig)
+        self.on_exited(jail, code, sig, oom)
 
     def caller_gone(self, name: str) -> None:
         for jail in list(self.live.values()):
@@ -232,7 +255,8 @@ def primary_gid(uid: int, caller) -> int:
 # -- options: each one only tightens ------------------------------------------------
 
 def apply_options(spec: JailSpec, options: dict) -> JailSpec:
-    known = {"cwd", "no_network", "rlimits", "timeout_s", "die_with_caller"}
+    known = {"cwd", "no_network", "rlimits", "timeout_s", "die_with_caller",
+             *CGROUP_OPTIONS}
     unknown = set(options) - known
     if unknown:
         raise invalid(f"unknown options: {', '.join(sorted(unknown))} "
@@ -252,7 +276,44 @@ def apply_options(spec: JailSpec, options: dict) -> JailSpec:
         raise invalid("option die_with_caller must be a boolean")
     if "rlimits" in options:
         spec = replace(spec, rlimits=_tighter_rlimits(spec, options["rlimits"]))
+    for name, field_name in CGROUP_OPTIONS.items():
+        if name in options:
+            spec = replace(spec, **{field_name: _tighter_cgroup_limit(spec, name, options[name])})
     return spec
+
+
+# Launch options that set a cgroup limit -> the JailSpec field.  Each may only
+# lower the profile's limit (or, for cpu_weight, its share: 100 where the
+# profile says nothing); a profile without a limit allows any.
+CGROUP_OPTIONS = {"memory_limit": "memory_limit", "pids_limit": "pids_limit",
+                  "cpu_weight": "cpu_weight", "cpu_quota": "cpu_quota"}
+CGROUP_LIMITS = ("memory_limit", "pids_limit", "cpu_weight", "cpu_quota")
+_LAUNCHER_ERRORS = {"unsupported": "Unsupported", "invalid": "InvalidArgument"}
+
+
+def _tighter_cgroup_limit(spec: JailSpec, name: str, value) -> int:
+    """A request's cgroup limit: parsed like the profile key (memory_limit
+    takes bytes, '512M' or '25%'; cpu_quota takes 50 or '50%'), and at most
+    the profile's own."""
+    from .jail.spec import SpecError, validate
+    parse = {"memory_limit": jail_config.parse_memory_limit,
+             "cpu_quota": jail_config.parse_cpu_quota}.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise invalid(f"option {name} must be a number or a string")
+    try:
+        if parse is not None:
+            asked = parse(str(value))
+        else:
+            asked = jail_config._parse_count(str(value), "a whole number", 1 << 32)
+        validate(replace(spec, argv=("/bin/true",), **{CGROUP_OPTIONS[name]: asked}))
+    except (ValueError, SpecError) as e:
+        raise invalid(f"option {name}: {e}") from None
+    current = getattr(spec, CGROUP_OPTIONS[name])
+    ceiling = 100 if name == "cpu_weight" and current is None else current
+    if ceiling is not None and asked > ceiling:
+        raise BrokerError("AccessDenied", f"option {name} ({asked}) would loosen the "
+                          f"profile (at most {ceiling})")
+    return asked
 
 
 def _tighter_rlimits(spec: JailSpec, asked: dict) -> tuple[Rlimit, ...]:

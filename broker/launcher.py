@@ -4,7 +4,10 @@
 single-threaded, holds no bus connection and no policy, keeps no fd but its
 control socket (and stderr for its log), and does only what a well-formed
 request (broker/wire.py) asks: launch this spec with these fds, signal this
-jail.  It reports every jail's exit as an event.
+jail, mount or unmount this daemon store.  It reports every jail's exit as an
+event.  The daemon-store Layout (where templates, run dirs and homes are) is
+given at start-up, before any bus connection exists; a request names only a
+daemon and a user hash, and is re-validated here against that Layout.
 
 The front talks to it with `LauncherClient` (asyncio): requests are matched
 to replies by sequence number, so launches never block the event loop.
@@ -16,7 +19,8 @@ import os
 import signal
 import socket
 
-from . import wire
+from . import daemon_store, wire
+from .jail import cgroups
 from .jail.launch import Jail, LaunchError, launch
 from .jail.spec import SpecError, validate
 
@@ -28,9 +32,12 @@ _RECV = wire.MAX_MESSAGE + 1
 # ---------------------------------------------------------------------------
 
 class _Launcher:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, layout: daemon_store.Layout | None = None):
         self.sock = sock
+        self.layout = layout
         self.jails: dict[str, Jail] = {}
+        self.cgroup_parent: str | None = None     # where jail cgroups go (None: our own)
+        self.leftover_cgroups: list[cgroups.Cgroup] = []   # retried on every reap
 
     def serve(self) -> None:
         import selectors
@@ -81,6 +88,8 @@ class _Launcher:
 
     def dispatch(self, msg: dict, fds: list[int]) -> dict:
         op, jail_id = msg.get("op"), msg.get("jail")
+        if op == "daemon-store":
+            return self.daemon_store(msg, fds)
         if not isinstance(jail_id, str) or not wire.JAIL_ID.match(jail_id):
             raise wire.WireError(f"bad jail id {jail_id!r}")
         if op == "launch":
@@ -94,6 +103,12 @@ class _Launcher:
                 return {"ok": False, "error": "not-found", "message": f"no jail {jail_id}"}
             jail.signal_all(sig)
             return {"ok": True}
+        if op == "stats":
+            jail = self.jails.get(jail_id)
+            if jail is None:
+                return {"ok": False, "error": "not-found", "message": f"no jail {jail_id}"}
+            stats = jail.stats()
+            return {"ok": True, "stats": stats.as_dict() if stats is not None else {}}
         raise wire.WireError(f"unknown op {op!r}")
 
     def launch(self, jail_id: str, msg: dict, fds: list[int]) -> dict:
@@ -107,13 +122,28 @@ class _Launcher:
         spec = wire.spec_from_wire(msg.get("spec"))
         try:
             validate(spec)                  # re-validated here, whoever sent it
-            jail = launch(spec, fds=dict(zip(targets, fds)))
+            jail = launch(spec, fds=dict(zip(targets, fds)), cgroup_name=f"privbroker-{jail_id}",
+                          cgroup_parent=self.cgroup_parent)
         except SpecError as e:
             return {"ok": False, "error": "invalid", "message": str(e)}
         except LaunchError as e:
-            return {"ok": False, "error": "launch-failed", "message": str(e), "step": e.step}
+            return {"ok": False, "error": "unsupported" if e.unsupported else "launch-failed",
+                    "message": str(e), "step": e.step}
         self.jails[jail_id] = jail
         return {"ok": True, "pid": jail.pid}
+
+    def daemon_store(self, msg: dict, fds: list[int]) -> dict:
+        if fds:
+            raise wire.WireError("a daemon-store request carries no fds")
+        action, req = wire.daemon_store_from_wire(msg)
+        if self.layout is None:
+            return {"ok": False, "error": daemon_store.FAILED,
+                    "message": "daemon stores are not configured in this launcher"}
+        try:
+            changed = daemon_store.perform(self.layout, action, req)   # re-validates
+        except daemon_store.DaemonStoreError as e:
+            return {"ok": False, "error": e.kind, "message": str(e)}
+        return {"ok": True, "changed": changed}
 
     def reap(self) -> None:
         by_pid = {j.pid: (jid, j) for jid, j in self.jails.items()}
@@ -128,8 +158,22 @@ class _Launcher:
                 jail_id, jail = by_pid[pid]
                 status = jail.reaped(raw)
                 del self.jails[jail_id]
+                if jail.leftover is not None:
+                    _log(f"jail {jail_id}: its cgroup is not empty yet; retrying")
+                    self.leftover_cgroups.append(jail.leftover)
                 self.send({"event": "exited", "jail": jail_id, "code": status.code,
-                           "signal": status.signal})
+                           "signal": status.signal, "oom": status.oom})
+        self.retry_cgroups()
+
+    def retry_cgroups(self) -> None:
+        for cg in list(self.leftover_cgroups):
+            try:
+                gone = cg.destroy(timeout=0.05)
+            except cgroups.CgroupError as e:
+                _log(f"cannot remove {cg!r}: {e}")
+                gone = True             # not retried forever
+            if gone:
+                self.leftover_cgroups.remove(cg)
 
     def send(self, msg: dict) -> None:
         try:
@@ -140,9 +184,12 @@ class _Launcher:
     def shutdown(self) -> None:
         # The front is gone: no one will be told about these jails, so end them.
         for jail in self.jails.values():
-            jail.signal(signal.SIGKILL)
+            jail.signal_all(signal.SIGKILL)      # with a cgroup: kill-all
         for jail in self.jails.values():
             jail.wait()
+            if jail.leftover is not None:
+                self.leftover_cgroups.append(jail.leftover)
+        self.retry_cgroups()
 
 
 def _log(text: str) -> None:
@@ -153,19 +200,35 @@ def _log(text: str) -> None:
         pass
 
 
-def start() -> tuple[int, socket.socket]:
-    """Fork the launcher; return (its pid, the front's end of the socket)."""
+def start(layout: daemon_store.Layout | None = None) -> tuple[int, socket.socket]:
+    """Fork the launcher; return (its pid, the front's end of the socket).
+    `layout`: where daemon stores are (None: daemon-store requests refused)."""
+    cgroup_parent = _claim_cgroup()
     front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         try:
             front.close()
             _keep_only(back.fileno())
-            _Launcher(back).serve()
+            launcher = _Launcher(back, layout)
+            launcher.cgroup_parent = cgroup_parent
+            launcher.serve()
         finally:
             os._exit(0)
     back.close()
     return pid, front
+
+
+def _claim_cgroup() -> str | None:
+    """On cgroup v2, in a delegated cgroup (systemd Delegate=yes): move the
+    broker into a leaf of its cgroup (<own>/privbrokerd), so that <own> may
+    enable controllers for the jail cgroups made beside that leaf; returns
+    <own>.  On v1 or in v2's root cgroup: nothing to do (None)."""
+    try:
+        return cgroups.enter_leaf("privbrokerd")
+    except cgroups.CgroupError as e:
+        _log(f"{e}; jail cgroups go under the broker's own cgroup")
+        return None
 
 
 def _keep_only(fd: int) -> None:
@@ -189,7 +252,7 @@ class LauncherFailed(Exception):
 
 
 class LauncherClient:
-    """asyncio client of the launcher.  `on_exit(jail_id, code, signal)` is
+    """asyncio client of the launcher.  `on_exit(jail_id, code, signal, oom)` is
     called for every exit event; `on_lost()` if the launcher goes away."""
 
     def __init__(self, sock: socket.socket, on_exit, on_lost=None):
@@ -230,7 +293,7 @@ class LauncherClient:
             return
         msg = wire.decode(data)
         if msg.get("event") == "exited":
-            self.on_exit(msg["jail"], msg["code"], msg["signal"])
+            self.on_exit(msg["jail"], msg["code"], msg["signal"], bool(msg.get("oom")))
         elif msg.get("seq") in self.pending:
             self.pending.pop(msg["seq"]).set_result(msg)
 

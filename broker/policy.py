@@ -1,4 +1,5 @@
-"""The broker's authorization policy: who may launch which profile, as whom.
+"""The broker's authorization policy: who may launch which profile, as whom,
+and who may mount daemon stores (and where they are).
 
 Read from broker.toml (default /etc/privbroker/broker.toml):
 
@@ -15,6 +16,19 @@ Read from broker.toml (default /etc/privbroker/broker.toml):
     profiles = ["minimal"]
     run_as = "caller"             # default; or a user name; root only if named
     max_live_jails = 4            # optional per-grant limits
+    devices = ["open", "chown"]   # OpenPath/CheckPathAccess, ChownDevice (default: none)
+
+    [daemon_store]                # MountDaemonStore/UnmountDaemonStore (optional)
+    users = ["root"]              # who may call them (default: root only)
+    groups = []
+    templates_dir = "/etc/daemon-store"       # the paths: broker/daemon_store.py
+    run_dir = "/run/daemon-store"
+    cache_run_dir = "/run/daemon-store-cache"
+    home_root = "/home"                       # stores: <home_root>/.shadow/<hash>/...
+    user_hash_pattern = "[0-9a-f]{40}"
+
+    [devices]                     # dev root, rule chain, lease journal:
+    ...                           # broker/devices/config.py
 
 Decisions are made here and nowhere else: `decide()` returns a Grant or
 raises AccessDenied whose message names the rule (or the absence of one)
@@ -27,7 +41,12 @@ import os
 import pwd
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from .daemon_store import Layout
+from .devices import config as devices_config
+from .devices.config import DevicesConfig
+from .devices.rules import RuleConfigError
 
 DEFAULT_CONFIG = "/etc/privbroker/broker.toml"
 PROFILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -55,6 +74,7 @@ class Grant:
     profiles: frozenset[str]
     run_as: int | None            # None: the caller's own uid
     limits: Limits
+    devices: frozenset[str] = frozenset()     # device operations: "open", "chown"
 
     def covers(self, uid: int, gids: frozenset[int]) -> bool:
         return uid in self.uids or bool(self.gids & gids)
@@ -70,10 +90,25 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class DaemonStoreGrant:
+    """Who may mount and unmount daemon stores, and where they are."""
+    uids: frozenset[int] = frozenset({0})
+    gids: frozenset[int] = frozenset()
+    layout: Layout = field(default_factory=Layout)
+
+    def decide(self, uid: int, gids: frozenset[int]) -> None:
+        if uid not in self.uids and not self.gids & gids:
+            raise AccessDenied(f"uid {uid} may not mount or unmount daemon stores (callers "
+                               f"are named in [daemon_store] of the broker's policy file)")
+
+
+@dataclass(frozen=True)
 class Policy:
     profiles_dir: str
     grants: tuple[Grant, ...]
     limits: Limits = field(default_factory=Limits)
+    daemon_store: DaemonStoreGrant = field(default_factory=DaemonStoreGrant)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
     def decide(self, uid: int, gids: frozenset[int], profile: str) -> Grant:
         """The first grant that covers this caller and profile, or AccessDenied."""
@@ -83,6 +118,17 @@ class Policy:
             if g.covers(uid, gids) and profile in g.profiles:
                 return g
         raise AccessDenied(f"no grant lets uid {uid} launch profile {profile!r} "
+                           f"(grants are in the broker's policy file)")
+
+    def device_grant(self, uid: int, gids: frozenset[int], op: str) -> Grant:
+        """The first grant that lets this caller use device operation `op`
+        ("open": OpenPath and CheckPathAccess, "chown": ChownDevice and
+        CheckPathAccess), or AccessDenied.  Which devices is the rule
+        chain's decision ([devices] rules), the same for every caller."""
+        for g in self.grants:
+            if g.covers(uid, gids) and op in g.devices:
+                return g
+        raise AccessDenied(f"no grant lets uid {uid} use device operation {op!r} "
                            f"(grants are in the broker's policy file)")
 
 
@@ -97,13 +143,13 @@ def load(path: str = DEFAULT_CONFIG) -> Policy:
     pol = parse(data, path)
     if not os.path.isabs(pol.profiles_dir):
         # relative to the policy file, so a deployment directory is self-contained
-        pol = Policy(os.path.join(os.path.dirname(os.path.abspath(path)), pol.profiles_dir),
-                     pol.grants, pol.limits)
+        pol = replace(pol, profiles_dir=os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                     pol.profiles_dir))
     return pol
 
 
 def parse(data: dict, where: str = "policy") -> Policy:
-    known = {"profiles_dir", "limits", "grant"}
+    known = {"profiles_dir", "limits", "grant", "daemon_store", "devices"}
     _no_unknown(data, known, where)
     if "profiles_dir" not in data:
         raise PolicyError(f"{where}: profiles_dir is required")
@@ -113,12 +159,37 @@ def parse(data: dict, where: str = "policy") -> Policy:
     names = [g.name for g in grants]
     if len(set(names)) != len(names):
         raise PolicyError(f"{where}: grant names must be unique")
-    return Policy(str(data["profiles_dir"]), grants, limits)
+    stores = _daemon_store(data.get("daemon_store", {}), f"{where} [daemon_store]")
+    try:
+        devices = devices_config.parse(data.get("devices", {}), f"{where} [devices]")
+    except RuleConfigError as e:
+        raise PolicyError(str(e)) from None
+    return Policy(str(data["profiles_dir"]), grants, limits, stores, devices=devices)
+
+
+_LAYOUT_KEYS = ("templates_dir", "run_dir", "cache_run_dir", "home_root", "user_hash_pattern")
+
+
+def _daemon_store(d: dict, where: str) -> DaemonStoreGrant:
+    if not isinstance(d, dict):
+        raise PolicyError(f"{where}: must be a table")
+    _no_unknown(d, {"users", "groups", *_LAYOUT_KEYS}, where)
+    for key in ("users", "groups"):
+        if not isinstance(d.get(key, []), list):
+            raise PolicyError(f"{where}: {key} must be a list")
+    try:
+        layout = Layout(**{k: d[k] for k in _LAYOUT_KEYS if k in d})
+    except ValueError as e:
+        raise PolicyError(f"{where}: {e}") from None
+    return DaemonStoreGrant(
+        uids=frozenset(_uid(u, where) for u in d.get("users", ["root"])),
+        gids=frozenset(_gid(g, where) for g in d.get("groups", [])),
+        layout=layout)
 
 
 def _grant(d: dict, default_limits: Limits, where: str) -> Grant:
     _no_unknown(d, {"name", "users", "groups", "profiles", "run_as", "max_live_jails",
-                    "launches_per_second"}, where)
+                    "launches_per_second", "devices"}, where)
     name = d.get("name")
     if not isinstance(name, str) or not name:
         raise PolicyError(f"{where}: name is required")
@@ -130,6 +201,9 @@ def _grant(d: dict, default_limits: Limits, where: str) -> Grant:
     if not d.get("users") and not d.get("groups"):
         raise PolicyError(f"{where}: names no users and no groups")
     run_as = d.get("run_as", "caller")
+    devices = d.get("devices", [])
+    if not isinstance(devices, list) or any(op not in ("open", "chown") for op in devices):
+        raise PolicyError(f"{where}: devices must be a list of \"open\" and \"chown\"")
     return Grant(
         name=name,
         uids=frozenset(_uid(u, where) for u in d.get("users", [])),
@@ -137,6 +211,7 @@ def _grant(d: dict, default_limits: Limits, where: str) -> Grant:
         profiles=frozenset(profiles),
         run_as=None if run_as == "caller" else _uid(run_as, where),
         limits=_limits(d, default_limits, where),
+        devices=frozenset(devices),
     )
 
 

@@ -11,36 +11,98 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from dbus_fast import Message, MessageType, Variant
 
+from . import logs
 from .callers import CallerGone, Callers
+from .daemon_store import DaemonStoreError
+from .devices.errors import DeviceError
 from .jails import BrokerError, JailCore
 from .policy import AccessDenied
+from .status import Status
 
 BUS_NAME = "org.privbroker.Broker1"
 PATH = "/org/privbroker/Broker1"
 IFACE = "org.privbroker.Broker1"
 ERROR_PREFIX = "org.privbroker.Error."
 VERSION = "0.1.0"
-INTROSPECTION = Path(__file__).resolve().parent.parent / "dbus-policy" / f"{BUS_NAME}.xml"
+
+
+def _introspection_path() -> Path:
+    """The interface XML: beside the package in a checkout; where `make
+    install` / the Debian package put it (<prefix>/share/dbus-1/interfaces,
+    the venv being <prefix>/lib/privbroker/venv) when installed."""
+    name = f"{BUS_NAME}.xml"
+    candidates = [Path(__file__).resolve().parent.parent / "dbus-policy" / name]
+    prefix = Path(sys.prefix)
+    if len(prefix.parents) >= 3:
+        candidates.append(prefix.parents[2] / "share" / "dbus-1" / "interfaces" / name)
+    candidates.append(Path("/usr/share/dbus-1/interfaces") / name)
+    return next((p for p in candidates if p.exists()), candidates[0])
+
+
+INTROSPECTION = _introspection_path()
+
+
+def _in_arg_names() -> dict[str, list[str]]:
+    """member -> names of its in-arguments, from the XML (for log lines)."""
+    try:
+        root = ET.parse(INTROSPECTION).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    return {m.get("name"): [a.get("name") for a in m.findall("arg")
+                            if a.get("direction", "in") == "in"]
+            for m in root.iter("method")}
 
 log = logging.getLogger("privbrokerd")
 
+# Methods that only read the caller's own state: their allowed calls are
+# logged at debug (a refusal of them still at info).
+_QUIET_WHEN_ALLOWED = frozenset({"ListJails"})
+
+# Exited's exit_status when the kernel's OOM killer ended the jail because it
+# hit its cgroup memory limit (term_signal is then SIGKILL, 9).  -1 stays "a
+# signal ended it"; 0..255 are exit codes.
+EXIT_STATUS_OOM = -2
+
+# ListJails details from the jail's cgroup, and their D-Bus types.
+_ACCOUNTING = {"memory_bytes": "t", "pids": "u", "cpu_usec": "t", "oom_kills": "u",
+               "memory_limit": "t", "pids_limit": "u", "cpu_weight": "u", "cpu_quota": "u"}
+
+
+def _accounting(limits: dict, stats: dict) -> dict[str, Variant]:
+    values = {**limits, **stats}
+    return {k: Variant(t, values[k]) for k, t in _ACCOUNTING.items()
+            if type(values.get(k)) is int and values[k] >= 0}
+
 
 class BrokerService:
-    def __init__(self, bus, core: JailCore, features: dict):
+    def __init__(self, bus, core: JailCore, features: dict, stores=None, devices=None):
         self.bus = bus
         self.core = core
+        self.stores = stores            # daemon_store.DaemonStoreFront
+        self.devices = devices          # devices.core.DeviceCore
+        self._outcomes: dict[int, dict] = {}   # id(msg) -> the device core's log fields
         self.callers = Callers(bus)
         self.features = features
+        self.status = Status()          # status properties; cores register counts
+        self.arg_names = _in_arg_names()
         self.tasks: set[asyncio.Task] = set()
         # member -> (signature accepted, handler)
         self.methods = {
             (IFACE, "Launch"): ("sasa{ss}a{uh}a{sv}", self.launch),
             (IFACE, "Signal"): ("si", self.signal),
             (IFACE, "ListJails"): ("", self.list_jails),
+            (IFACE, "MountDaemonStore"): ("ss", self.mount_daemon_store),
+            (IFACE, "UnmountDaemonStore"): ("ss", self.unmount_daemon_store),
+            (IFACE, "OpenPath"): ("s", self.open_path),
+            (IFACE, "CheckPathAccess"): ("s", self.check_path_access),
+            (IFACE, "ChownDevice"): ("s", self.chown_device),
+            (IFACE, "ReleaseDevice"): ("s", self.release_device),
             ("org.freedesktop.DBus.Properties", "Get"): ("ss", self.prop_get),
             ("org.freedesktop.DBus.Properties", "GetAll"): ("s", self.prop_get_all),
             ("org.freedesktop.DBus.Introspectable", "Introspect"): ("", self.introspect),
@@ -54,13 +116,18 @@ class BrokerService:
         if msg.message_type != MessageType.METHOD_CALL or msg.path != PATH:
             return None
         entry = self.methods.get((msg.interface, msg.member))
+        if msg.interface == IFACE:
+            self.status.called(msg.member)
         if entry is None:
             self._close_fds(msg)
+            self._decided(msg, "refused", kind="UnknownMethod", reason="no such method")
             return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
                                      f"no method {msg.interface}.{msg.member}")
         signature, handler = entry
         if msg.signature != signature:
             self._close_fds(msg)
+            self._decided(msg, "refused", kind="InvalidArgument",
+                          reason=f"signature ({msg.signature}), not ({signature})")
             return Message.new_error(msg, ERROR_PREFIX + "InvalidArgument",
                                      f"{msg.member} takes ({signature}), got ({msg.signature})")
         task = asyncio.ensure_future(self._serve(msg, handler))
@@ -69,23 +136,63 @@ class BrokerService:
         return True
 
     async def _serve(self, msg: Message, handler) -> None:
+        # The decision line is written once the reply is on its way: the
+        # caller does not wait for the log (nor does it miss a line: the line
+        # goes out before the loop takes the next message).
+        decided: tuple = ()
         try:
             reply = await handler(msg)
-        except (BrokerError, AccessDenied) as e:
+        except (BrokerError, AccessDenied, DaemonStoreError, DeviceError) as e:
             kind = getattr(e, "kind", "AccessDenied")
-            log.info("refused %s.%s from %s: %s: %s", msg.interface, msg.member,
-                     msg.sender, kind, e)
+            decided = ("refused", dict(kind=kind, reason=str(e), extra=getattr(e, "info", None)))
             reply = Message.new_error(msg, ERROR_PREFIX + kind, str(e))
         except CallerGone as e:
-            log.info("caller gone: %s", e)
+            decided = ("gone", dict(reason=str(e)))
             reply = None
         except Exception as e:       # a bug must not take the broker down
             log.exception("failed %s.%s", msg.interface, msg.member)
+            decided = ("failed", dict(kind="Failed", reason=f"internal error: {e}"))
             reply = Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error: {e}")
+        else:
+            if reply is not None and reply.message_type == MessageType.ERROR:
+                decided = ("refused", dict(kind=reply.error_name.rsplit(".", 1)[-1],
+                                           reason=reply.body[0] if reply.body else None))
+            else:
+                decided = ("allowed", dict(reply=reply,
+                                           extra=self._outcomes.pop(id(msg), None)))
         finally:
             self._close_fds(msg)
+            self._outcomes.pop(id(msg), None)
         if reply is not None:
-            self.bus.send(reply)
+            sent = self.bus.send(reply)
+            if reply.unix_fds:
+                # our copies of fds handed out (OpenPath): close them once the
+                # reply, and the fds with it, has left (the writer may queue it)
+                fds = list(reply.unix_fds)
+                sent.add_done_callback(lambda _f: [os.close(fd) for fd in fds])
+        self._decided(msg, decided[0], **decided[1])
+
+    def _decided(self, msg: Message, verdict: str, kind: str | None = None,
+                 reason: str | None = None, reply: Message | None = None,
+                 extra: dict | None = None) -> None:
+        """One log line per decision on the interface's methods (property
+        reads and introspection only at debug), and the refusal counters."""
+        if kind and verdict == "refused":
+            self.status.refused(kind)
+        result = None
+        if msg.member == "Launch" and reply is not None and reply.body:
+            result = {"jail": reply.body[0], "jail_pid": reply.body[1]}
+        if extra:                     # what the device core decided and did
+            result = {**(result or {}), **extra}
+        # Refusals and everything that changes state at info; a caller
+        # reading its own state, properties and introspection at debug.
+        quiet = msg.interface != IFACE or msg.member in _QUIET_WHEN_ALLOWED
+        level = logging.DEBUG if verdict == "allowed" and quiet else logging.INFO
+        logs.decision(level, msg.member or "?", verdict,
+                      caller=self.callers.cache.get(msg.sender), sender=msg.sender,
+                      args=logs.summarize(msg.member, msg.body,
+                                          self.arg_names.get(msg.member, [])),
+                      kind=kind, result=result, reason=reason)
 
     @staticmethod
     def _close_fds(msg: Message) -> None:
@@ -107,8 +214,6 @@ class BrokerService:
             fds[child_fd] = msg.unix_fds[index]
         opts = {k: v.value for k, v in options.items()}
         jail = await self.core.launch(caller, profile, argv, env, fds, opts)
-        log.info("launched jail %s (profile %s, pid %d) for %s", jail.jail_id, profile,
-                 jail.pid, caller.describe())
         return Message.new_method_return(msg, "su", [jail.jail_id, jail.pid])
 
     async def signal(self, msg: Message) -> Message:
@@ -119,14 +224,70 @@ class BrokerService:
 
     async def list_jails(self, msg: Message) -> Message:
         caller = await self.callers.identify(msg.sender)
+        jails = self.core.list(caller)
+        stats = await asyncio.gather(*(self.core.stats(j) for j in jails))
         body = [[j.jail_id, j.pid, {"profile": Variant("s", j.profile),
                                     "argv": Variant("as", list(j.argv)),
-                                    "started": Variant("d", j.started)}]
-                for j in self.core.list(caller)]
+                                    "started": Variant("d", j.started),
+                                    **_accounting(j.limits, st)}]
+                for j, st in zip(jails, stats)]
         return Message.new_method_return(msg, "a(sua{sv})", [body])
 
+    async def mount_daemon_store(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        daemon, user_hash = msg.body
+        changed = await self.stores.mount(caller, daemon, user_hash)
+        log.info("daemon store %s of %s: %s for %s", daemon, user_hash,
+                 "mounted " + "+".join(changed) if changed else "already mounted",
+                 caller.describe())
+        return Message.new_method_return(msg)
+
+    async def unmount_daemon_store(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        daemon, user_hash = msg.body
+        changed = await self.stores.unmount(caller, daemon, user_hash)
+        log.info("daemon store %s of %s: %s for %s", daemon, user_hash,
+                 "unmounted " + "+".join(changed) if changed else "was not mounted",
+                 caller.describe())
+        return Message.new_method_return(msg)
+
+    # -- devices (broker/devices: the rules decide, the core logs) ------------------
+    async def open_path(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        fd, self._outcomes[id(msg)] = self.devices.open_path(caller, msg.body[0])
+        return Message.new_method_return(msg, "h", [0], unix_fds=[fd])
+
+    async def check_path_access(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        ok, self._outcomes[id(msg)] = self.devices.check_path_access(caller, msg.body[0])
+        return Message.new_method_return(msg, "b", [ok])
+
+    async def chown_device(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        lease_id, self._outcomes[id(msg)] = self.devices.chown_device(caller, msg.body[0])
+        # A caller that vanished while it was being identified had its
+        # NameOwnerChanged handled before the lease existed: ask the bus now
+        # (it answers in order, after any such signal) and end the lease.
+        reply = await self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="NameHasOwner", signature="s",
+            body=[msg.sender]))
+        if reply.message_type == MessageType.ERROR or not reply.body[0]:
+            self.devices.caller_gone(msg.sender)
+            raise CallerGone(f"{msg.sender} left before its lease could be handed over")
+        return Message.new_method_return(msg, "s", [lease_id])
+
+    async def release_device(self, msg: Message) -> Message:
+        caller = await self.callers.identify(msg.sender)
+        self._outcomes[id(msg)] = self.devices.release_device(caller, msg.body[0])
+        return Message.new_method_return(msg)
+
     def _properties(self) -> dict[str, Variant]:
-        return {"Version": Variant("s", VERSION), "Features": Variant("a{sv}", self.features)}
+        live: dict[int, int] = {}
+        for jail in self.core.live.values():
+            live[jail.uid] = live.get(jail.uid, 0) + 1
+        return {"Version": Variant("s", VERSION), "Features": Variant("a{sv}", self.features),
+                **self.status.properties(live)}
 
     async def prop_get(self, msg: Message) -> Message:
         iface, name = msg.body
@@ -150,10 +311,16 @@ class BrokerService:
             name = msg.body[0]
             self.callers.forget(name)
             self.core.caller_gone(name)
+            if self.devices is not None:
+                self.devices.caller_gone(name)      # its leases end, nodes restored
 
-    def send_exited(self, owner: str, jail_id: str, code, sig) -> None:
-        """Exited(jail_id, exit_status, term_signal), to the launching caller only."""
+    def send_exited(self, owner: str, jail_id: str, code, sig, oom: bool = False) -> None:
+        """Exited(jail_id, exit_status, term_signal), to the launching caller only.
+        exit_status is -1 when a signal ended the jail, EXIT_STATUS_OOM (-2,
+        with term_signal 9) when the OOM killer did because of its memory limit."""
+        if oom:
+            log.info("jail %s was killed by the OOM killer (memory limit)", jail_id)
+        status = EXIT_STATUS_OOM if oom else (-1 if code is None else code)
         self.bus.send(Message(message_type=MessageType.SIGNAL, path=PATH, interface=IFACE,
                               member="Exited", destination=owner, signature="sii",
-                              body=[jail_id, -1 if code is None else code,
-                                    0 if sig is None else sig]))
+                              body=[jail_id, status, 0 if sig is None else sig]))

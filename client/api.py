@@ -12,6 +12,9 @@ from dbus_fast.aio import MessageBus
 BUS_NAME = "org.privbroker.Broker1"
 PATH = "/org/privbroker/Broker1"
 IFACE = "org.privbroker.Broker1"
+# Exited's exit_status when the OOM killer ended the jail (its memory limit);
+# term_signal is then 9.  -1: another signal ended it.
+EXIT_STATUS_OOM = -2
 MAX_IN_FLIGHT = 64     # stays well under the system bus's 128 pending replies
 
 
@@ -27,6 +30,7 @@ class BrokerCallError(Exception):
 class ExitStatus:
     code: int | None
     signal: int | None
+    oom: bool = False       # the OOM killer ended it: the jail hit its memory limit
 
     @property
     def shell_code(self) -> int:
@@ -79,7 +83,10 @@ class AsyncBroker:
         if (msg.message_type == MessageType.SIGNAL and msg.interface == IFACE
                 and msg.member == "Exited" and msg.sender == self.broker_name):
             jail_id, code, sig = msg.body
-            status = ExitStatus(None if code == -1 and sig else code, sig or None)
+            if code == EXIT_STATUS_OOM:
+                status = ExitStatus(None, sig or 9, oom=True)
+            else:
+                status = ExitStatus(None if code == -1 and sig else code, sig or None)
             self._exit_future(jail_id).set_result(status) \
                 if not self._exit_future(jail_id).done() else None
         return None
@@ -126,10 +133,66 @@ class AsyncBroker:
         return [{"jail_id": j, "pid": p, **{k: v.value for k, v in extra.items()}}
                 for j, p, extra in jails]
 
+    async def mount_daemon_store(self, daemon: str, user_hash: str) -> None:
+        await self.call("MountDaemonStore", "ss", [daemon, user_hash])
+
+    async def unmount_daemon_store(self, daemon: str, user_hash: str) -> None:
+        await self.call("UnmountDaemonStore", "ss", [daemon, user_hash])
+
+    # -- devices ---------------------------------------------------------------------
+    async def open_path(self, path: str) -> int:
+        """An fd on the device node, opened by the broker (rule-checked); ours
+        to close."""
+        async with self.in_flight:
+            reply = await self.bus.call(Message(destination=BUS_NAME, path=PATH, interface=IFACE,
+                                                member="OpenPath", signature="s", body=[path]))
+        fds = list(reply.unix_fds)
+        if reply.message_type == MessageType.ERROR:
+            for fd in fds:
+                os.close(fd)
+            raise BrokerCallError(reply.error_name, reply.body[0] if reply.body else "")
+        index = reply.body[0]
+        if not 0 <= index < len(fds):
+            for fd in fds:
+                os.close(fd)
+            raise BrokerCallError("org.privbroker.Error.Failed", "the reply carried no fd")
+        for i, fd in enumerate(fds):
+            if i != index:
+                os.close(fd)
+        return fds[index]
+
+    async def check_path_access(self, path: str) -> bool:
+        (ok,) = await self.call("CheckPathAccess", "s", [path])
+        return ok
+
+    async def chown_device(self, path: str) -> str:
+        """Lease the node to our uid; the lease ends with release_device() or
+        when this connection closes."""
+        (lease_id,) = await self.call("ChownDevice", "s", [path])
+        return lease_id
+
+    async def release_device(self, lease_id: str) -> None:
+        await self.call("ReleaseDevice", "s", [lease_id])
+
     async def get_property(self, name: str):
         (v,) = await self._call(BUS_NAME, PATH, "org.freedesktop.DBus.Properties", "Get",
                                 "ss", [IFACE, name])
         return v.value
+
+    async def properties(self) -> dict:
+        """Every property of the interface (Version, Features, and the status
+        ones: Uptime, LiveJails, LeasesHeld, MountsHeld, Calls, Refusals)."""
+        (props,) = await self._call(BUS_NAME, PATH, "org.freedesktop.DBus.Properties",
+                                    "GetAll", "s", [IFACE])
+        return {k: _plain(v) for k, v in props.items()}
+
+
+def _plain(v):
+    """A property value without Variants (Features is a{sv})."""
+    v = v.value if isinstance(v, Variant) else v
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 class JailHandle:
@@ -165,6 +228,27 @@ class Broker:
 
     def jails(self) -> list[dict]:
         return self._run(self.aio.list_jails())
+
+    def properties(self) -> dict:
+        return self._run(self.aio.properties())
+
+    def mount_daemon_store(self, daemon: str, user_hash: str) -> None:
+        self._run(self.aio.mount_daemon_store(daemon, user_hash))
+
+    def unmount_daemon_store(self, daemon: str, user_hash: str) -> None:
+        self._run(self.aio.unmount_daemon_store(daemon, user_hash))
+
+    def open_path(self, path: str) -> int:
+        return self._run(self.aio.open_path(path))
+
+    def check_path_access(self, path: str) -> bool:
+        return self._run(self.aio.check_path_access(path))
+
+    def chown_device(self, path: str) -> str:
+        return self._run(self.aio.chown_device(path))
+
+    def release_device(self, lease_id: str) -> None:
+        self._run(self.aio.release_device(lease_id))
 
     def close(self) -> None:
         async def _close():

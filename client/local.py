@@ -74,4 +74,32 @@ def _profile_path(name: str, config: str | None) -> str | None:
     return os.path.join(pol.profiles_dir, name + ".conf")
 
 
+def daemon_store_local(args) -> int:
+    """`privbroker daemon-store init` and `unmount --lazy`: the broker's own
+    daemon-store core, run in this process (root, the host's mount namespace)."""
+    from broker import daemon_store, policy
+    try:
+        layout = policy.load(args.config or policy.DEFAULT_CONFIG).daemon_store.layout
+    except policy.PolicyError as e:
+        print(f"privbroker daemon-store: {e}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print(f"privbroker daemon-store {args.ds_cmd}: runs here, not through the broker, "
+              f"and needs root", file=sys.stderr)
+        return 1
+    if args.ds_cmd == "init":
+        results = daemon_store.init(layout)
+        for r in results:
+            print(f"{r.daemon} ({r.variant}): {r.error or r.path + ' is a shared mount point'}")
+        return 1 if any(r.error for r in results) else 0
+    try:
+        changed = daemon_store.unmount(
+            layout, daemon_store.Request(args.daemon, args.user_hash, lazy=True))
+    except daemon_store.DaemonStoreError as e:
+        print(f"privbroker daemon-store: {e} [{e.kind}]", file=sys.stderr)
+        return 1
+    print("detached " + " and ".join(changed) if changed else "was not mounted")
+    return 0
+
+
 LOCAL = {"audit": main_audit, "watch": main_watch, "explain": main_explain}

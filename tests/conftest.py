@@ -110,6 +110,18 @@ def _require_root():
         pytest.skip("the jail tests need root", allow_module_level=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def privbroker_group(_require_root):
+    """The group the sample policy grants (examples/broker.toml), for the whole
+    session: module fixtures that would add and remove it then leave it be,
+    so no test depends on which module ran before it."""
+    from dbus_fixture import ensure_group
+    gid, created = ensure_group("privbroker")
+    yield gid
+    if created:
+        subprocess.run(["groupdel", "privbroker"], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def throwaway_user():
     """A real user with a supplementary group, created for the session and

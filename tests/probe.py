@@ -10,6 +10,8 @@ Report keys (one JSON object on the first line of stdout):
   groups                          sorted os.getgroups()
   caps                            {"inh", "prm", "eff", "bnd", "amb"}: ints from /proc/self/status
   securebits                      prctl(PR_GET_SECUREBITS) through libc, null if that fails
+  session_keyring                 serial of the session keyring (keyctl, never creating one),
+                                  null if there is none or keyctl fails
   no_new_privs, seccomp           ints from the NoNewPrivs and Seccomp lines of /proc/self/status
   seccomp_filters                 int from the Seccomp_filters line, only when the kernel has it
   ns                              {user, pid, mnt, net, ipc, uts, cgroup: inode of
@@ -118,6 +120,18 @@ def securebits():
     except (ImportError, OSError, AttributeError):
         return None
     return None if bits < 0 else bits
+
+
+def session_keyring():
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, create=0); x86_64 nr 250
+        serial = libc.syscall(250, 0, ctypes.c_int(-3), 0)
+    except (ImportError, OSError, AttributeError):
+        return None
+    return None if serial < 0 else serial
 
 
 # -- namespaces, processes, network ------------------------------------------------
@@ -250,6 +264,7 @@ def report():
     r["groups"] = guarded(lambda: sorted(os.getgroups()))
     r["caps"] = guarded(caps)
     r["securebits"] = guarded(securebits)
+    r["session_keyring"] = guarded(session_keyring)
     r["no_new_privs"] = guarded(status_int, "NoNewPrivs")
     r["seccomp"] = guarded(status_int, "Seccomp")
     if "Seccomp_filters" in guarded(status):

@@ -98,6 +98,10 @@ def test_member_of_privbroker_launches_as_itself(bus, broker):
     assert report["visible_pids"] == [1, 2]
     assert report["net_ifaces"] == ["lo"]
     assert report["caps"]["eff"] == report["caps"]["prm"] == 0
+    # never the broker's session keyring (the broker inherited ours)
+    from broker.jail.syscalls import session_keyring_id
+    assert isinstance(report["session_keyring"], int)
+    assert report["session_keyring"] != session_keyring_id()
 
 
 def test_other_users_are_stopped_by_the_bus(bus, broker):
@@ -249,7 +253,11 @@ def test_introspection_xml_matches_the_service(bus, broker):
               BrokerService(None, None, {}).methods.items() if i == BUS_NAME}
     assert xml_methods == served
     props = {p.get("name"): p.get("type") for p in iface.iter("property")}
-    assert props == {"Version": "s", "Features": "a{sv}"}
+    r = busctl(bus, "--json=short", "call", BUS_NAME, OBJ, "org.freedesktop.DBus.Properties",
+               "GetAll", "s", BUS_NAME)
+    assert r.returncode == 0, r.stderr
+    got = {k: v["type"] for k, v in json.loads(r.stdout)["data"][0].items()}
+    assert props == got         # the status properties too (broker/status.py)
     r = busctl(bus, "introspect", "--xml-interface", BUS_NAME, OBJ)
     live = ET.fromstring(r.stdout)
     assert {m.get("name") for m in live.iter("method")} >= set(xml_methods)

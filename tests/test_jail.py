@@ -455,3 +455,34 @@ def test_mount_with_bind_and_readonly_flags(tmp_path):
     assert r.rc == 0, r.stderr
     assert r.reports[1]["ok"]
     assert r.reports[2]["errno"] == errno.EROFS
+
+
+def test_new_session_keyring():
+    from broker.jail.syscalls import session_keyring_id
+    ours = session_keyring_id()
+    assert privjail("-p").report["session_keyring"] == ours        # inherited, as minijail
+    fresh = privjail("-p", "-w", "-u", "nobody", "-g", "nogroup").report["session_keyring"]
+    assert isinstance(fresh, int) and fresh != ours
+
+
+def test_enter_a_mount_namespace(tmp_path):
+    """-V joins an existing mount namespace: the jail sees a mount that exists
+    only there."""
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f"mount -t tmpfs marker {tmp_path} && touch {tmp_path}/only-there"
+                               f" && echo ready && exec sleep 30"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        ns = f"/proc/{holder.pid}/ns/mnt"
+        inside = privjail("-p", "-V", ns, program=["/bin/ls", str(tmp_path)])
+        assert inside.rc == 0, inside.stderr
+        assert inside.stdout.split() == ["only-there"]
+        assert not (tmp_path / "only-there").exists()                # not in ours
+        bad = privjail("-p", "-V", "/no/such/ns", program=["/bin/true"])
+        assert bad.rc == 252 and "/no/such/ns" in bad.stderr
+        notns = privjail("-p", "-V", "/etc/hostname", program=["/bin/true"])
+        assert notns.rc == 252 and "setns" in notns.stderr
+    finally:
+        holder.kill()
+        holder.wait()

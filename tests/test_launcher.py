@@ -32,7 +32,7 @@ class Harness:
         self.exited = asyncio.Event()
         self.client = launcher.LauncherClient(sock, self._on_exit)
 
-    def _on_exit(self, jail_id, code, sig):
+    def _on_exit(self, jail_id, code, sig, oom=False):
         self.exits[jail_id] = (code, sig)
         self.exited.set()
 

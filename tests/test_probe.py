@@ -21,7 +21,7 @@ import pytest
 PROBE = str(Path(__file__).resolve().parent / "probe.py")
 NAMESPACES = ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")
 KEYS = {"pid", "ppid", "uid", "euid", "suid", "gid", "egid", "sgid", "groups", "caps",
-        "securebits", "no_new_privs", "seccomp", "ns", "ns_links", "visible_pids", "hostname",
+        "securebits", "session_keyring", "no_new_privs", "seccomp", "ns", "ns_links", "visible_pids", "hostname",
         "net_ifaces", "mounts", "proc_readonly", "fds", "fd_targets", "rlimits", "cwd", "env",
         "root_dir_entries", "dev_entries", "argv", "landlock"}
 MOUNT_KEYS = {"id", "parent", "root", "mountpoint", "options", "fstype", "source",
@@ -124,6 +124,11 @@ def test_securebits_match_ours(probed):
     ours = prctl(27, 0, 0, 0, 0)
     keep_caps = 1 << 4            # the only bit execve clears
     assert probed[1]["securebits"] == ours & ~keep_caps
+
+
+def test_session_keyring_is_ours(probed):
+    from broker.jail.syscalls import session_keyring_id
+    assert probed[1]["session_keyring"] == session_keyring_id()
 
 
 def test_namespaces_are_ours(probed):

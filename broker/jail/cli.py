@@ -13,6 +13,8 @@ Exit status: the program's exit code, or 128+signal if a signal ended it;
 a policy that does not compile is refused before anything is created),
 254 the jail's init.  A syscall the seccomp policy kills ends the program
 with SIGSYS: status 128+31 = 159.
+A jail over its --memory-limit is ended by the OOM killer: status
+128+9 = 137, and privjail says so on stderr.
 
 A jail in the forbidden intersection (root or CAP_SYS_ADMIN, in the init
 pid and mount namespaces, without seccomp plus Landlock) is refused unless
@@ -124,7 +126,27 @@ def run(spec) -> int:
     if spec.detach:
         jail.close()
         return 0
-    return jail.wait().shell_code
+    status = jail.wait()
+    if status.oom:
+        _err(f"the jail was killed by the OOM killer: it hit its memory limit "
+             f"({spec.memory_limit} bytes)")
+    if jail.leftover is not None:
+        _err(f"could not remove the jail's cgroup {jail.leftover!r}: processes in it "
+             f"did not exit")
+    _reap_orphans()
+    return status.shell_code
+
+
+def _reap_orphans() -> None:
+    """Processes of the jail that outlived its program were re-parented to
+    us (a child subreaper) and killed with its cgroup: reap them, so none is
+    left even as a zombie."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 
 from .spec import (RLIM_INFINITY, SECCOMP_DEFAULTS, Bind, FsRule, IdMap, JailSpec, Mount,
                    Rlimit, SpecError, validate)
+from .spec import (CPU_WEIGHT_RANGE, MAX_CPU_QUOTA, MAX_PIDS_LIMIT, MIN_MEMORY_LIMIT,
+                   DeviceRule)
 
 CONFIG_HEADER = "% minijail-config-file v0"
 
@@ -98,6 +100,9 @@ _OPTIONS = [
     Opt("M", OPTIONAL, "'INSIDE OUTSIDE COUNT[,INSIDE OUTSIDE COUNT...]'"),
     Opt("n", NO_ARG),
     Opt("L", NO_ARG),
+    Opt("V", REQUIRED, "a mount namespace file like /proc/PID/ns/mnt"),
+    Opt("w", NO_ARG),
+    Opt("no-default-runtime-environment", NO_ARG),
     Opt("S", REQUIRED, "a seccomp policy file"),
     Opt("T", REQUIRED, "static or dynamic"),
     Opt("Y", NO_ARG),
@@ -129,6 +134,14 @@ _OPTIONS = [
     Opt("landlock-best-effort", NO_ARG),
     Opt("die-with-parent", NO_ARG),
     Opt("seccomp-default", REQUIRED, "one of " + ", ".join(SECCOMP_DEFAULTS)),
+    # the jail's cgroup (minijail0 has no flags for these)
+    Opt("memory-limit", REQUIRED, "a size like 512M or a share of RAM like 25%"),
+    Opt("pids-limit", REQUIRED, "a number of tasks"),
+    Opt("cpu-weight", REQUIRED, "a weight from 1 to 10000 (100 is the default)"),
+    Opt("cpu-quota", REQUIRED, "a share of one CPU like 50%"),
+    Opt("device-allow", REQUIRED, "a device rule like 'c 1:3 rwm'"),
+    Opt("own-cgroup", NO_ARG),
+    Opt("cgroup-parent", REQUIRED, "a cgroup path like /privjail"),
     # privjail's modes: what to do with the spec, not what the jail is
     Opt("dry-run", NO_ARG, cli_only=True),
     Opt("explain", NO_ARG, cli_only=True),
@@ -142,8 +155,6 @@ _OPTIONS = [
     Opt("s", NO_ARG, refused=("seccomp strict mode", "strict mode allows only read, "
                                 "write, exit and sigreturn, so no program could be exec'd "
                                 "under it; use -S with a policy")),
-    Opt("V", REQUIRED, "a mount namespace file", refused=("enter a mount namespace", NOT_YET)),
-    Opt("w", NO_ARG, refused=("new session keyring", NOT_YET)),
     Opt("y", NO_ARG, refused=("keep the current supplementary groups", NOT_YET)),
     Opt("z", NO_ARG, refused=("do not forward signals", NOT_YET)),
     Opt("allow-speculative-execution", NO_ARG,
@@ -151,8 +162,6 @@ _OPTIONS = [
     Opt("enable-profile-fs-restrictions", NO_ARG,
         refused=("Landlock rules derived from the profile's mounts", NOT_YET)),
     Opt("logging", REQUIRED, "auto, syslog or stderr", refused=("logging system", NOT_YET)),
-    Opt("no-default-runtime-environment", NO_ARG,
-        refused=("default runtime environment", NOT_YET)),
     Opt("preload-library", REQUIRED, "a library path",
         refused=("preload library", "privjail never preloads a library into the program")),
 ]
@@ -458,6 +467,100 @@ def parse_size(text: str) -> int:
     return size
 
 
+# -- cgroup limits ------------------------------------------------------------
+
+_SIZE_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _parse_percent(text: str, what: str) -> float:
+    """'25%' or '12.5%' -> 25.0; what names the quantity in errors."""
+    number = text.strip()[:-1].strip()
+    whole, dot, frac = number.partition(".")
+    if not _is_decimal(whole) or (dot and not _is_decimal(frac)):
+        raise _bad(f"a percentage like 25% ({what})", text)
+    return float(number)
+
+
+def parse_memory_limit(text: str) -> int:
+    """--memory-limit: bytes ('1073741824'), with a K, M, G or T suffix
+    (powers of 1024: '512M'), or a share of this machine's RAM ('25%',
+    resolved now, rounded down to a page)."""
+    t = text.strip()
+    if t.endswith("%"):
+        pct = _parse_percent(t, "of RAM")
+        if not 0 < pct <= 100:
+            raise ValueError(f"a share of RAM must be above 0% and at most 100%, got {text!r}")
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(_total_ram() * pct / 100) // page * page
+    unit = t[-1:].upper() if t[-1:].isalpha() else ""
+    digits = t[:-1] if unit else t
+    if unit not in _SIZE_UNITS or not _is_decimal(digits):
+        raise _bad("a size like 512M (a whole number with an optional K, M, G or T "
+                   "suffix) or a share of RAM like 25%", text)
+    size = int(digits) << _SIZE_UNITS[unit]
+    if size < MIN_MEMORY_LIMIT:
+        raise ValueError(f"{text!r} is below the smallest memory limit, "
+                         f"{MIN_MEMORY_LIMIT >> 20}M (the jail's own setup is charged to it)")
+    if size >= 1 << 62:
+        raise ValueError(f"{text!r} is out of range")
+    return size
+
+
+def _parse_count(text: str, expected: str, limit: int) -> int:
+    """A whole number from 1 to limit."""
+    t = text.strip()
+    if not _is_decimal(t):
+        raise _bad(expected, text)
+    n = int(t)
+    if not 1 <= n <= limit:
+        raise ValueError(f"{text!r} is out of range (1 to {limit})")
+    return n
+
+
+def parse_cpu_quota(text: str) -> int:
+    """--cpu-quota: a share of one CPU in whole percent, '50%' (or '50');
+    '200%' is two CPUs' worth."""
+    t = text.strip()
+    number = t[:-1].strip() if t.endswith("%") else t
+    if not _is_decimal(number):
+        raise _bad("a share of one CPU in whole percent, like 50%", text)
+    pct = int(number)
+    if not 1 <= pct <= MAX_CPU_QUOTA:
+        raise ValueError(f"{text!r} is out of range (1% to {MAX_CPU_QUOTA}% of one CPU)")
+    return pct
+
+
+def parse_device_rule(text: str) -> DeviceRule:
+    """--device-allow: 'TYPE MAJOR:MINOR ACCESS' as in cgroup v1's
+    devices.allow: TYPE a, b or c; MAJOR and MINOR numbers or '*'; ACCESS
+    some of r, w, m.  'a' alone is every device."""
+    fields = text.split()
+    expected = "a device rule like 'c 1:3 rwm' (TYPE MAJOR:MINOR ACCESS, TYPE a, b or c)"
+    if fields == ["a"]:
+        return DeviceRule("a", None, None, "rwm")
+    if len(fields) != 3 or fields[0] not in ("a", "b", "c"):
+        raise _bad(expected, text)
+    major, colon, minor = fields[1].partition(":")
+
+    def number(n: str) -> int | None:
+        if n == "*":
+            return None
+        if not _is_decimal(n) or int(n) >= 1 << 32:
+            raise _bad(expected, text)
+        return int(n)
+
+    if not colon:
+        raise _bad(expected, text)
+    access = fields[2]
+    if any(c not in "rwm" for c in access) or len(set(access)) != len(access):
+        raise ValueError(f"device rule {text!r}: access must be some of r, w, m")
+    return DeviceRule(fields[0], number(major), number(minor), access)
+
+
 def parse_id_maps(text: str) -> tuple[IdMap, ...]:
     """-m/-M: 'INSIDE OUTSIDE COUNT[,INSIDE OUTSIDE COUNT...]'."""
     maps = []
@@ -715,6 +818,16 @@ class _Builder:
                 raise _bad("static or dynamic", value)
         elif k == "Y":
             pass    # thread sync: every filter privjail loads uses TSYNC already
+        elif k == "V":
+            self.f["enter_mount_ns"] = os.path.abspath(value)
+        elif k == "w":
+            self.f["new_session_keyring"] = True
+        elif k == "no-default-runtime-environment":
+            # minijail: do not apply its default seccomp policy and
+            # no_new_privs.  privjail has no default runtime environment: a
+            # jail gets a filter and no_new_privs only when asked (-S, -n),
+            # so the option's request is what privjail always does.
+            pass
         elif k == "env-reset":
             self.f["env_reset"] = True
             self.env.clear()          # minijail: --env-reset discards earlier --env-add
@@ -745,6 +858,23 @@ class _Builder:
             pass
         elif k == "landlock-best-effort":
             self.f["landlock_best_effort"] = True
+        elif k == "memory-limit":
+            self.f["memory_limit"] = parse_memory_limit(value)
+        elif k == "pids-limit":
+            self.f["pids_limit"] = _parse_count(value, "a number of tasks like 64",
+                                                MAX_PIDS_LIMIT)
+        elif k == "cpu-weight":
+            self.f["cpu_weight"] = _parse_count(value, "a weight from 1 to 10000",
+                                                CPU_WEIGHT_RANGE[1])
+        elif k == "cpu-quota":
+            self.f["cpu_quota"] = parse_cpu_quota(value)
+        elif k == "device-allow":
+            self.f["device_allow"] = (*(self.f.get("device_allow") or ()),
+                                      parse_device_rule(value))
+        elif k == "own-cgroup":
+            self.f["own_cgroup"] = True
+        elif k == "cgroup-parent":
+            self.f["cgroup_parent"] = value
         else:  # pragma: no cover - every table entry is handled above
             raise AssertionError(f"option {disp} has no handler")
 

@@ -109,6 +109,12 @@ def drop_everything_for_init(spec: JailSpec) -> None:
     sc.cap_ambient_clear_all()
     sc.capset(0, 0, 0)
     prctl.set_no_new_privs(1)
+    # Not dumpable: the program runs as the same uid and could otherwise
+    # ptrace init (stopping it hangs the jail) or take its status fd with
+    # pidfd_getfd and forge its own exit status.  A uid change clears the
+    # flag by itself; a jail that keeps the launcher's uid (root, c=0) needs
+    # it said (tests/escape/test_escape.py).
+    prctl.set_dumpable(False)
 
 
 def _bits(mask: int):

@@ -45,6 +45,7 @@ import prctl
 # Everything the children use is imported here, before any fork: after a
 # pivot_root or a uid change the interpreter may no longer be able to read
 # its own library directory.
+from . import cgroups
 from . import syscalls as sc
 from .identity import drop_everything_for_init, drop_privileges
 from .init import FORWARDED, run_init
@@ -68,11 +69,14 @@ _MSG_USERNS = b"U"    # A -> L: user ns unshared, write my maps
 _MSG_MAPPED = b"M"    # L -> A: maps written
 _MSG_PID = b"P"       # A -> L: the jail's top pid (in L's pid ns)
 _MSG_GO = b"G"        # L -> B: you are mine now; build the jail
+_MSG_CGROUP = b"C"    # L -> A: you are in the jail's cgroup now; go on
 _MSG_ERROR = b"E"     # any -> L: a step failed (JSON payload)
 
 
 class LaunchError(Exception):
     """A jail step failed before the program ran.  Nothing is left behind."""
+
+    unsupported = False       # True: this machine cannot do it (cgroups.Unsupported)
 
     def __init__(self, step: str, err: int, message: str):
         self.step, self.errno, self.message = step, err, message
@@ -89,6 +93,7 @@ class LaunchError(Exception):
 class ExitStatus:
     code: int | None      # exit code, or None when killed by a signal
     signal: int | None    # terminating signal, or None
+    oom: bool = False     # SIGKILLed by the OOM killer: the jail's memory limit was hit
 
     @classmethod
     def from_wait_status(cls, status: int) -> "ExitStatus":
@@ -105,10 +110,13 @@ class Jail:
     """A running jail, as seen from L.  `pid` is the jail's top process (its
     pid 1 when it has a pid namespace), a child of L."""
 
-    def __init__(self, pid: int, pidfd: int, status_fd: int, own_pid_ns: bool):
+    def __init__(self, pid: int, pidfd: int, status_fd: int, own_pid_ns: bool,
+                 cgroup: cgroups.Cgroup | None = None):
         self.pid, self.pidfd, self._status_fd = pid, pidfd, status_fd
         self.own_pid_ns = own_pid_ns
         self.status: ExitStatus | None = None
+        self.cgroup = cgroup       # the jail's own cgroup, if it has one
+        self.leftover: cgroups.Cgroup | None = None   # a cgroup that would not go away
 
     def signal(self, sig: int) -> None:
         """Signal the jail's top process (its init forwards the usual ones)."""
@@ -119,8 +127,17 @@ class Jail:
         """Signal every process in the jail.  SIGKILL to pid 1 of the jail's
         pid namespace takes all of it; any other signal goes to each process
         in that namespace but pid 1 (which would forward it a second time).
-        Without a pid namespace only the top process is known."""
+        Without a pid namespace only the top process is known, unless the
+        jail has a cgroup: then its members are every process in it, and
+        SIGKILL is the cgroup's kill-all (no double fork escapes it)."""
         if self.status is not None:
+            return
+        if self.cgroup is not None:
+            if sig == signal.SIGKILL:
+                self.cgroup.kill_all()
+            else:
+                self.cgroup.signal_members(
+                    sig, frozenset({self.pid}) if self.own_pid_ns else frozenset())
             return
         if sig == signal.SIGKILL or not self.own_pid_ns:
             self.signal(sig)
@@ -158,6 +175,26 @@ class Jail:
         program = _read_status(self._status_fd)
         self.status = ExitStatus.from_wait_status(program if program is not None else raw)
         self.close()
+        if self.cgroup is not None:
+            self._end_cgroup()
+
+    def _end_cgroup(self) -> None:
+        """The jail is over: say whether the OOM killer ended it, kill what
+        is left in its cgroup (processes that daemonized away from the
+        program), and remove the cgroup."""
+        cg, self.cgroup = self.cgroup, None
+        if self.status.signal == signal.SIGKILL and (cg.oom_kills() or 0) > 0:
+            self.status = ExitStatus(None, signal.SIGKILL, oom=True)
+        try:
+            gone = cg.destroy()
+        except cgroups.CgroupError:
+            gone = False
+        if not gone:
+            self.leftover = cg      # the caller may retry cg.destroy() later
+
+    def stats(self) -> cgroups.Stats | None:
+        """The jail's cgroup accounting, while it runs and has a cgroup."""
+        return self.cgroup.stats() if self.cgroup is not None and self.status is None else None
 
     def close(self) -> None:
         for fd in (self.pidfd, self._status_fd):
@@ -202,16 +239,23 @@ def _read_status(fd: int) -> int | None:
 # L: the launching side
 # ---------------------------------------------------------------------------
 
-def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
+def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
+           cgroup_name: str | None = None, cgroup_parent: str | None = None) -> Jail:
     """Start the jail; return once the program has exec'd (or raise LaunchError).
 
     `fds` maps child fd numbers to fds of ours; those become the program's
     fds exactly and nothing else is kept.  None: the program inherits our
     0, 1 and 2.  The caller becomes a child subreaper (harmless for a
     launcher, and what lets the jail's pid 1 be our child).
+
+    A jail with limits (or own_cgroup) gets its own cgroup, named
+    `cgroup_name` (default privjail-PID-RANDOM), under spec.cgroup_parent,
+    else `cgroup_parent`, else our own cgroup.  Its first process waits,
+    before it does anything, until L has made the cgroup and moved it in.
     """
     validate(spec)
     seccomp = seccomp_filter(spec)   # a policy that cannot compile: refused before any fork
+    mount_ns = _open_mount_ns(spec)  # likewise a -V file that cannot be opened
     prctl.set_child_subreaper(1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     status_r, status_w = os.pipe()
@@ -224,26 +268,76 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None) -> Jail:
     if pid_a == 0:
         ours.close()
         os.close(status_r)
-        _run_child_a(_Ctx(spec, theirs, status_w, fds, seccomp), in_pid_ns=direct)  # no return
+        ctx = _Ctx(spec, theirs, status_w, fds, seccomp)
+        ctx.mount_ns_fd = mount_ns
+        ctx.await_cgroup = cgroups.wants_cgroup(spec)
+        _run_child_a(ctx, in_pid_ns=direct)  # never returns
     theirs.close()
     os.close(status_w)
-    top = None
+    if mount_ns is not None:
+        os.close(mount_ns)
+    top = cgroup = None
     try:
+        cgroup = _make_cgroup(spec, pid_a, ours, cgroup_name, cgroup_parent)
         top = _drive(spec, ours, pid_a)
-        jail = Jail(top, os.pidfd_open(top), status_r, spec.has("pid") and spec.pid_init)
+        jail = Jail(top, os.pidfd_open(top), status_r, spec.has("pid") and spec.pid_init,
+                    cgroup)
         if spec.pidfile:
             _write_pidfile(spec.pidfile, top)
         ours.send(_MSG_GO)
         _wait_for_exec(ours)
         return jail
-    except BaseException:
+    except BaseException as e:
         _abort(pid_a, top)
         os.close(status_r)
         if spec.pidfile and top is not None:
             _remove_quietly(spec.pidfile)
+        if cgroup is not None:
+            _drop_cgroup(cgroup, e)
         raise
     finally:
         ours.close()
+
+
+def _make_cgroup(spec: JailSpec, pid_a: int, sock: socket.socket, name: str | None,
+                 parent: str | None) -> cgroups.Cgroup | None:
+    """Make the jail's cgroup, move A into it and let A go on.  A waits for
+    this before it does anything at all, so every process of the jail is
+    born inside (and A, our child blocked in recv, cannot be a recycled pid)."""
+    if not cgroups.wants_cgroup(spec):
+        return None
+    name = name or f"privjail-{os.getpid()}-{os.urandom(3).hex()}"
+    cg = None
+    try:
+        cg = cgroups.System.probe().create(name, cgroups.Limits.from_spec(spec),
+                                           spec.cgroup_parent or parent)
+        cg.add(pid_a)
+    except cgroups.CgroupError as e:
+        if cg is not None:
+            try:
+                cg.destroy()        # A may be in some of it already: killed with it
+            except cgroups.CgroupError:
+                pass
+        err = LaunchError("cgroup", e.errno, str(e))
+        err.unsupported = isinstance(e, cgroups.Unsupported)
+        raise err from None
+    sock.send(_MSG_CGROUP)
+    return cg
+
+
+def _drop_cgroup(cg: cgroups.Cgroup, exc: BaseException) -> None:
+    """A launch failed: empty and remove its cgroup.  A setup that the OOM
+    killer ended gets an error that says so, not 'exited before reporting'."""
+    oom = (cg.oom_kills() or 0) > 0
+    try:
+        cg.destroy()
+    except cgroups.CgroupError:
+        pass
+    if oom and isinstance(exc, LaunchError) and exc.step != "cgroup":
+        exc.step, exc.errno = "cgroup", _errno.ENOMEM
+        exc.message = (f"the jail ran out of memory under its memory limit "
+                       f"({cg.name}) before its program ran; raise --memory-limit")
+        exc.args = (f"jail setup failed at step 'cgroup': {exc.message}",)
 
 
 def seccomp_filter(spec: JailSpec) -> PreparedFilter | None:
@@ -266,6 +360,18 @@ def seccomp_filter(spec: JailSpec) -> PreparedFilter | None:
     except ValueError as e:                 # a malformed compiled program
         raise LaunchError("seccomp", _errno.EINVAL,
                           f"{spec.seccomp_bpf or spec.seccomp_policy}: {e}") from None
+
+
+def _open_mount_ns(spec: JailSpec) -> int | None:
+    """-V: the mount namespace to join, opened here so a bad path is refused
+    before any fork; A joins it (setns checks it really is a mount ns)."""
+    if spec.enter_mount_ns is None:
+        return None
+    try:
+        return os.open(spec.enter_mount_ns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise LaunchError("namespaces", e.errno, f"cannot open the mount namespace "
+                          f"{spec.enter_mount_ns}: {e.strerror}") from None
 
 
 def _read_bpf_file(path: str) -> bytes:
@@ -384,6 +490,8 @@ class _Ctx:
         self.step = "namespaces"
         self.ruleset = None       # the Landlock ruleset, built in the jail's view
         self.seccomp: PreparedFilter | None = seccomp   # compiled by L, loaded by C
+        self.mount_ns_fd: int | None = None   # -V: opened by L, joined by A
+        self.await_cgroup = False  # A waits until L has put it in the jail's cgroup
 
 
 def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
@@ -403,6 +511,15 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
     spec, sock = ctx.spec, ctx.sock
     try:
         prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
+        if ctx.await_cgroup:                  # before anything: all of the jail is in it
+            ctx.step = "cgroup"
+            if sock.recv(16) != _MSG_CGROUP:
+                os._exit(EXIT_SETUP)          # L gave up on us
+            ctx.step = "namespaces"
+        if ctx.mount_ns_fd is not None:       # first: needs the launcher's full privilege
+            sc.setns(ctx.mount_ns_fd, sc.CLONE_NEWNS)
+            os.close(ctx.mount_ns_fd)
+            ctx.mount_ns_fd = None
         if spec.has("user"):
             sc.unshare(sc.CLONE_NEWUSER)
             sock.send(_MSG_USERNS)
@@ -470,9 +587,19 @@ def _step_landlock_rules(ctx: _Ctx) -> None:
         ctx.ruleset = build_ruleset(ctx.spec.landlock, best_effort=ctx.spec.landlock_best_effort)
 
 
+def _step_new_session(ctx: _Ctx) -> None:
+    # A jail must not keep the caller's controlling terminal: with it, ioctl
+    # TIOCSTI types commands into the caller's shell (bubblewrap's
+    # CVE-2017-5226; tests/escape/test_escape_terminal.py).  In a session of
+    # its own the terminal stays usable as stdio, but TIOCSTI gets EPERM and
+    # no terminal signal reaches the jail directly: the launcher forwards them.
+    os.setsid()
+
+
 # The jail's first process, B.  Order and why:
 JAIL_STEPS = (
     ("die-with-parent", _die_with_parent),  # first: a dead launcher means no jail
+    ("session", _step_new_session),    # before the program can touch the caller's terminal
     ("mounts", _step_mounts),          # needs full privilege in the new namespaces
     ("landlock-rules", _step_landlock_rules),  # after mounts: rule paths are the jail's paths
     ("hostname", _step_hostname),      # needs CAP_SYS_ADMIN in the uts namespace
@@ -576,6 +703,13 @@ def _step_landlock(ctx: _Ctx) -> None:
         ctx.ruleset.restrict_self()
 
 
+def _step_keyring(ctx: _Ctx) -> None:
+    # After the identity change, so the keyring belongs to the jailed user;
+    # what the launcher's session keyring holds is then out of reach.
+    if ctx.spec.new_session_keyring:
+        sc.join_new_session_keyring()
+
+
 def _step_seccomp_privileged(ctx: _Ctx) -> None:
     # Without no_new_privs, installing a filter needs CAP_SYS_ADMIN, which
     # only the not-yet-dropped identity has: minijail's order, and the same
@@ -599,6 +733,7 @@ PROGRAM_STEPS = (
                                               # the policy then need not allow
     ("identity", _step_identity),      # groups, gid, uid, caps, securebits, no_new_privs
     ("die-with-parent", _die_with_parent),  # again: the uid change cleared PDEATHSIG
+    ("keyring", _step_keyring),        # after identity: owned by the jailed user
     ("landlock", _step_landlock),      # after no_new_privs and after mounts; before seccomp
     ("fds", _step_fds),                # after identity: nothing above needs them
     ("cwd", _step_cwd),                # as the jailed user, so its access rights apply

@@ -70,6 +70,23 @@ class Rlimit:
 
 
 @dataclass(frozen=True)
+class DeviceRule:
+    """One entry of a device allow list, 'c 1:3 rwm': type 'a' (every
+    device), 'b' or 'c'; major and minor numbers, None for '*'; access, a
+    non-empty subset of 'rwm' (read, write, mknod)."""
+    type: str
+    major: int | None
+    minor: int | None
+    access: str
+
+
+# cgroup limits (see cgroups.py): bounds checked by _cgroup_limits_valid
+MIN_MEMORY_LIMIT = 4 << 20     # the jail's own setup (a forked launcher) is charged too
+MAX_PIDS_LIMIT = 4194304       # the kernel's PID_MAX_LIMIT
+CPU_WEIGHT_RANGE = (1, 10000)  # cgroup v2's cpu.weight range; 100 is the default
+MAX_CPU_QUOTA = 100000         # percent of one CPU (1000 CPUs)
+
+@dataclass(frozen=True)
 class JailSpec:
     argv: tuple[str, ...]
 
@@ -79,6 +96,7 @@ class JailSpec:
     hostname: str | None = None        # needs the uts namespace
     uid_map: tuple[IdMap, ...] = ()    # needs the user namespace
     gid_map: tuple[IdMap, ...] = ()
+    enter_mount_ns: str | None = None  # -V: join this mount namespace first
 
     # -- filesystem (all need the mount namespace) ------------------------
     propagation: str = "slave"         # applied to the whole tree first (-K); "unchanged" for bare -K
@@ -92,6 +110,17 @@ class JailSpec:
 
     # -- resources --------------------------------------------------------
     rlimits: tuple[Rlimit, ...] = ()
+    # cgroup: any limit below gives the jail its own cgroup (cgroups.py),
+    # made before the child runs and removed when the jail ends, its
+    # leftover processes killed.  own_cgroup asks for one without limits
+    # (kill-all and accounting).
+    own_cgroup: bool = False
+    cgroup_parent: str | None = None   # None: under the launcher's own cgroup
+    memory_limit: int | None = None    # bytes (a percent of RAM is resolved by the parser)
+    pids_limit: int | None = None      # tasks, the jail's init included
+    cpu_weight: int | None = None      # 1..10000, 100 is everyone's default
+    cpu_quota: int | None = None       # percent of one CPU (200: two CPUs' worth)
+    device_allow: tuple[DeviceRule, ...] | None = None  # None: no device control
 
     # -- identity and privilege -------------------------------------------
     uid: int | None = None             # None: unchanged
@@ -117,6 +146,7 @@ class JailSpec:
     env_add: tuple[tuple[str, str], ...] = ()
     pidfile: str | None = None
     detach: bool = False               # -i: launcher exits once the program runs
+    new_session_keyring: bool = False  # -w: a fresh session keyring, not the launcher's
     die_with_parent: bool = False
 
     def has(self, ns: str) -> bool:
@@ -226,6 +256,19 @@ def _env_names_valid(s: JailSpec) -> str | None:
     return None
 
 
+def _enter_mount_ns_valid(s: JailSpec) -> str | None:
+    if s.enter_mount_ns is None:
+        return None
+    if not s.enter_mount_ns.startswith("/"):
+        return "the mount namespace to enter (-V) must be an absolute path"
+    if s.has("user"):
+        # setns into a namespace owned by the initial user namespace fails
+        # from inside a new one; joining first and then unsharing the user
+        # namespace would make every mount locked: refuse the combination.
+        return "entering a mount namespace (-V) cannot be combined with a user namespace (-U)"
+    return None
+
+
 def _id_maps_valid(s: JailSpec) -> str | None:
     for m in s.uid_map + s.gid_map:
         if m.count < 1 or min(m.inside, m.outside) < 0:
@@ -263,12 +306,65 @@ def _rlimits_ordered(s: JailSpec) -> str | None:
     return None
 
 
+def _int_in(v, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _cgroup_limits_valid(s: JailSpec) -> str | None:
+    if s.memory_limit is not None and not _int_in(s.memory_limit, MIN_MEMORY_LIMIT, 1 << 62):
+        return (f"memory limit (--memory-limit) must be at least {MIN_MEMORY_LIMIT >> 20}M "
+                f"(the jail's own setup is charged to it), got {s.memory_limit!r}")
+    if s.pids_limit is not None and not _int_in(s.pids_limit, 1, MAX_PIDS_LIMIT):
+        return f"pids limit (--pids-limit) must be 1 to {MAX_PIDS_LIMIT}, got {s.pids_limit!r}"
+    if s.cpu_weight is not None and not _int_in(s.cpu_weight, *CPU_WEIGHT_RANGE):
+        return (f"CPU weight (--cpu-weight) must be {CPU_WEIGHT_RANGE[0]} to "
+                f"{CPU_WEIGHT_RANGE[1]}, got {s.cpu_weight!r}")
+    if s.cpu_quota is not None and not _int_in(s.cpu_quota, 1, MAX_CPU_QUOTA):
+        return (f"CPU quota (--cpu-quota) must be 1% to {MAX_CPU_QUOTA}% of one CPU, "
+                f"got {s.cpu_quota!r}")
+    return None
+
+
+def _device_rules_valid(s: JailSpec) -> str | None:
+    for r in s.device_allow or ():
+        text = f"{r.type} {r.major}:{r.minor} {r.access}"
+        if r.type not in ("a", "b", "c"):
+            return f"device rule {text!r}: type must be a, b or c"
+        if any(n is not None and not _int_in(n, 0, (1 << 32) - 1) for n in (r.major, r.minor)):
+            return f"device rule {text!r}: major and minor must be numbers or '*'"
+        if (not isinstance(r.access, str) or not r.access
+                or any(c not in "rwm" for c in r.access) or len(set(r.access)) != len(r.access)):
+            return f"device rule {text!r}: access must be some of r, w, m"
+    return None
+
+
+def _cgroup_parent_valid(s: JailSpec) -> str | None:
+    p = s.cgroup_parent
+    if p is not None and (not p.startswith("/") or "\0" in p
+                          or any(part in (".", "..") for part in p.split("/"))):
+        return f"cgroup parent (--cgroup-parent) must be an absolute cgroup path, not {p!r}"
+    return None
+
+
+def _cgroup_needs_launcher(s: JailSpec) -> str | None:
+    # The launcher removes the jail's cgroup when the jail ends: it must stay.
+    wants = (s.own_cgroup or s.memory_limit is not None or s.pids_limit is not None
+             or s.cpu_weight is not None or s.cpu_quota is not None
+             or s.device_allow is not None or s.cgroup_parent is not None)
+    if wants and s.detach:
+        return ("a jail cgroup (--memory-limit, --pids-limit, --cpu-*, --device-allow, "
+                "--own-cgroup) is removed by privjail when the jail ends: it cannot be "
+                "combined with -i")
+    return None
+
+
 CHECKS = (
     _argv_present, _namespaces_known, _propagation_known, _needs_mount_ns,
     _pid_init_needs_pid_ns, _hostname_needs_uts, _maps_need_user_ns,
     _one_root_change, _ambient_needs_caps, _securebits_need_caps,
     _paths_absolute, _env_names_valid, _id_maps_valid, _rlimits_ordered,
-    _one_seccomp_source, _landlock_rules_valid,
+    _one_seccomp_source, _landlock_rules_valid, _enter_mount_ns_valid,
+    _cgroup_limits_valid, _device_rules_valid, _cgroup_parent_valid, _cgroup_needs_launcher,
 )
 
 

@@ -163,3 +163,103 @@ def set_securebits(bits: int) -> None:
 def last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
+
+
+# -- keyctl(2) -----------------------------------------------------------------
+SYS_keyctl = 250
+KEYCTL_GET_KEYRING_ID = 0
+KEYCTL_JOIN_SESSION_KEYRING = 1
+KEY_SPEC_SESSION_KEYRING = -3
+
+
+def join_new_session_keyring() -> int:
+    """Create an anonymous session keyring and make it ours; its serial."""
+    return _check(_libc.syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, None),
+                  "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
+
+
+def session_keyring_id() -> int:
+    """The serial of our session keyring (creating none)."""
+    return _check(_libc.syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID,
+                                ctypes.c_int(KEY_SPEC_SESSION_KEYRING), 0),
+                  "keyctl(KEYCTL_GET_KEYRING_ID)")
+
+
+# -- openat2(2) ----------------------------------------------------------------
+# (linux/openat2.h) how path resolution may go; x86_64 syscall 437, Linux 5.6+.
+SYS_openat2 = 437
+RESOLVE_NO_XDEV = 0x01        # no crossing of mount points
+RESOLVE_NO_MAGICLINKS = 0x02  # no /proc/*/fd-style magic links
+RESOLVE_NO_SYMLINKS = 0x04    # no symlinks at all (implies NO_MAGICLINKS)
+RESOLVE_BENEATH = 0x08        # never leave dirfd (no absolute paths, no escaping "..")
+RESOLVE_IN_ROOT = 0x10        # treat dirfd as "/"
+RESOLVE_CACHED = 0x20
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(dirfd, path, {flags, mode, resolve}) -> fd.  OSError(ENOSYS)
+    on kernels before 5.6; ELOOP for a refused symlink, EXDEV for a path
+    that would leave dirfd."""
+    how = _OpenHow(flags, mode, resolve)
+    return _check(_libc.syscall(SYS_openat2, ctypes.c_int(dirfd), _b(path),
+                                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))),
+                  "openat2", path)
+
+
+# -- the mount API of fds: open_tree(2), move_mount(2), mount_setattr(2) -------
+# x86_64 syscalls 428 and 429 (Linux 5.2) and 442 (5.12).  A bind mount made
+# with them is cloned detached from an fd, given its flags while nobody can
+# see it, and only then attached onto another fd: no path is looked up twice
+# and there is no moment when the mount exists without its flags.
+SYS_open_tree = 428
+SYS_move_mount = 429
+SYS_mount_setattr = 442
+
+AT_EMPTY_PATH = 0x1000        # the fd itself is the object (path "")
+AT_RECURSIVE = 0x8000         # open_tree/mount_setattr: the whole subtree
+OPEN_TREE_CLONE = 1           # a detached copy (a bind mount not yet attached)
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+UMOUNT_NOFOLLOW = 8           # umount2: never follow a symlink as the last component
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    """open_tree(dirfd, path, flags) -> an fd for the mount (with
+    OPEN_TREE_CLONE: a detached bind mount, freed when the fd is closed
+    unless move_mount attached it)."""
+    return _check(_libc.syscall(SYS_open_tree, ctypes.c_int(dirfd), _b(path),
+                                ctypes.c_uint(flags)), "open_tree", path)
+
+
+def move_mount(from_dirfd: int, from_path: str, to_dirfd: int, to_path: str,
+               flags: int) -> None:
+    """move_mount(2): attach (or move) the mount at from onto to."""
+    _check(_libc.syscall(SYS_move_mount, ctypes.c_int(from_dirfd), _b(from_path),
+                         ctypes.c_int(to_dirfd), _b(to_path), ctypes.c_uint(flags)),
+           "move_mount", to_path or None)
+
+
+def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int = 0, attr_clr: int = 0,
+                  propagation: int = 0) -> None:
+    """mount_setattr(2): change a mount's MOUNT_ATTR_* flags and/or its
+    propagation (MS_SHARED, MS_SLAVE, MS_PRIVATE, MS_UNBINDABLE; 0: unchanged)."""
+    attr = _MountAttr(attr_set, attr_clr, propagation, 0)
+    _check(_libc.syscall(SYS_mount_setattr, ctypes.c_int(dirfd), _b(path),
+                         ctypes.c_uint(flags), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))),
+           "mount_setattr", path or None)

@@ -1,0 +1,200 @@
+"""OpenPath round trip against a no-op method on the same bus.
+
+    python bench/device_latency.py [--runs N]
+
+  noop        ListJails() from an in-process asyncio client (the floor of any
+              call through dbus-daemon and the broker's dispatch)
+  open-hid    OpenPath(<dev>/hidraw0): a FIDO key's hidraw node (udev record
+              from tests/devices/hidraw.umockdev, node cloned from /dev/zero),
+              through the example deployment's whole rule chain; the fd comes
+              back over the bus (SCM_RIGHTS, twice: broker->bus->client) and
+              is closed by the client
+  open-usb    OpenPath(<dev>/bus/usb/001/003): an allow-listed USB gadget
+              (tests/devices/usb.umockdev, node cloned from /dev/null)
+  check       CheckPathAccess of the same hidraw node (the decision, no open)
+  bare, bare-fd  a minimal dbus-fast service on the same bus (not the broker):
+              Noop() and NoopFd() -> h (a dup of an fd it holds); their
+              difference is what passing one fd through dbus-daemon costs,
+              whatever the method
+In rotating blocks of 50 calls of one kind, after a warm-up; prints p50/p99 and each median as a multiple
+of the broker's no-op.  Target: OpenPath <= 1.2x.  Asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+CONFIG = """
+profiles_dir = "{root}/profiles"
+[[grant]]
+name = "bench"
+users = ["root"]
+profiles = ["minimal"]
+devices = ["open", "chown"]
+"""
+
+
+def deployment(d: Path) -> Path:
+    """The example's [devices] chain with this tree's paths and the test ids allowed."""
+    from udev_tree import make_node, sample
+    shutil.copytree(ROOT / "examples" / "profiles", d / "profiles")
+    sample(d, devnums={"hidraw0": (1, 5), "1-2": (1, 3)})
+    make_node(d / "dev", "hidraw0", "c", 1, 5, mode=0o600)
+    make_node(d / "dev", "bus/usb/001/003", "c", 1, 3, mode=0o664)
+    (d / "state").mkdir(mode=0o700)
+    example = (ROOT / "examples" / "broker.toml").read_text()
+    devices = example[example.index("[devices]"):]
+    for key, value in (("dev_root", d / "dev"), ("sysfs", d / "sys"),
+                       ("udev_data", d / "run/udev/data"),
+                       ("journal", d / "state/leases.journal")):
+        devices = "\n".join(f'{key} = "{value}"' if line.startswith(f"{key} =") else line
+                            for line in devices.splitlines())
+    devices = devices.replace('allow = []', 'allow = ["1209:*"]', 1)
+    (d / "broker.toml").write_text(CONFIG.format(root=d) + "\n" + devices + "\n")
+    return d / "broker.toml"
+
+
+BARE_NAME = "org.privbroker.BenchBare"
+BARE_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><policy user="root"><allow own="{BARE_NAME}"/>
+<allow send_destination="{BARE_NAME}"/></policy></busconfig>"""
+BARE = r"""
+import asyncio, os, sys
+sys.path.insert(0, sys.argv[2])
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+from broker import busfix
+
+async def main():
+    busfix.install()
+    bus = await MessageBus(bus_address=sys.argv[1], bus_type=BusType.SYSTEM,
+                           negotiate_unix_fd=True).connect()
+    held = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
+    def handle(msg):
+        if msg.message_type != MessageType.METHOD_CALL:
+            return None
+        if msg.member == "NoopFd":
+            fd = os.dup(held)
+            bus.send(Message.new_method_return(msg, "h", [0], unix_fds=[fd])
+                     ).add_done_callback(lambda _f: os.close(fd))
+            return True
+        bus.send(Message.new_method_return(msg))          # the same path as NoopFd
+        return True
+    bus.add_message_handler(handle)
+    await bus.request_name("%s")
+    print("ready", flush=True)
+    await bus.wait_for_disconnect()
+asyncio.run(main())
+""" % BARE_NAME
+
+
+def pct(samples, p):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * p / 100))] * 1e6
+
+
+async def measure(address: str, dev: Path, runs: int) -> dict:
+    from dbus_fast import Message
+
+    from client import AsyncBroker
+    b = await AsyncBroker(address).connect()
+    hid, usb = str(dev / "hidraw0"), str(dev / "bus/usb/001/003")
+    out = {"noop": [], "open-hid": [], "open-usb": [], "check": [], "bare": [], "bare-fd": []}
+    calls = {"noop": lambda: b.list_jails(), "check": lambda: b.check_path_access(hid)}
+
+    async def bare(member):
+        reply = await b.bus.call(Message(destination=BARE_NAME, path="/", interface=BARE_NAME,
+                                         member=member))
+        for fd in reply.unix_fds:
+            os.close(fd)
+
+    calls["bare"] = lambda: bare("Noop")
+    calls["bare-fd"] = lambda: bare("NoopFd")
+
+    async def open_close(path):
+        os.close(await b.open_path(path))
+
+    calls["open-hid"] = lambda: open_close(hid)
+    calls["open-usb"] = lambda: open_close(usb)
+    try:
+        for _ in range(200):                                      # warm up
+            for call in calls.values():
+                await call()
+        # blocks of one kind, kinds in rotation: each call follows one of its
+        # own kind, so what a call leaves for the broker to do after its reply
+        # (the log line) is charged to its own kind and not to the next one
+        block = 50
+        for _ in range(0, runs, block):
+            for name, call in calls.items():
+                for _ in range(block):
+                    t = time.perf_counter()
+                    await call()
+                    out[name].append(time.perf_counter() - t)
+    finally:
+        b.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=2000)
+    ap.add_argument("--log-level", default="info", choices=["info", "warning"],
+                    help="info (the default, as deployed) logs one line per decision")
+    args = ap.parse_args()
+    from dbus_fixture import PrivateBus
+    d = Path(tempfile.mkdtemp(prefix="privbroker-devbench-", dir="/var/tmp"))
+    try:
+        config = deployment(d)
+        with PrivateBus(extra_policy={"bench-bare.conf": BARE_POLICY}) as bus:
+            stand_in = subprocess.Popen([sys.executable, "-c", BARE, bus.address, str(ROOT)],
+                                        stdout=subprocess.PIPE, text=True)
+            assert stand_in.stdout.readline().strip() == "ready"
+            log = open(d / "broker.log", "wb")          # as journald would get it
+            broker = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address",
+                                       bus.address, "--config", str(config),
+                                       "--log-level", args.log_level], cwd=ROOT, stderr=log)
+            try:
+                for _ in range(100):
+                    if subprocess.run(["busctl", f"--address={bus.address}", "status",
+                                       "org.privbroker.Broker1"],
+                                      capture_output=True).returncode == 0:
+                        break
+                    time.sleep(0.1)
+                r = asyncio.run(measure(bus.address, d / "dev", args.runs))
+            finally:
+                broker.terminate()
+                broker.wait()
+                log.close()
+                stand_in.terminate()
+                stand_in.wait()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    floor = statistics.median(r["noop"])
+    print(f"{args.runs} round trips each (rotating blocks of 50), {os.cpu_count()} cpus, broker log "
+          f"level {args.log_level}" + (" (one line per decision, to a file)"
+                                       if args.log_level == "info" else " (decisions not logged)"))
+    for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd"):
+        print(f"{name:9s} p50 {pct(r[name], 50):7.1f} us  p99 {pct(r[name], 99):7.1f} us"
+              f"   x{statistics.median(r[name]) / floor:.2f} of noop")
+
+
+    fd_cost = statistics.median(r["bare-fd"]) - statistics.median(r["bare"])
+    print(f"passing one fd through the bus (bare-fd - bare): {fd_cost * 1e6:.1f} us; "
+          f"OpenPath(hidraw) without it: "
+          f"x{(statistics.median(r['open-hid']) - fd_cost) / floor:.2f} of noop")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The rule chain: every rule looks at the device; their answers combine.
+
+  - any DENY denies (the first DENY in chain order is the deciding rule);
+  - otherwise, if some rule says ALLOW, the device is allowed, and
+      ALLOW_WITH_LOCKDOWN from any rule makes it "allowed, locked down",
+      else ALLOW_WITH_DETACH from any rule makes it "allowed, detach drivers";
+  - otherwise DENY (default deny: no rule allowed it).
+
+The conditional verdicts qualify an allow; they do not make one.  This is
+where we differ from permission_broker, whose engine lets a lone
+ALLOW_WITH_* allow: it can, because its chain starts by allowing every USB
+device; with an allow list, a lone conditional verdict from the "claimed
+interfaces" rule would let any USB device through.  Lockdown beats detach:
+they contradict each other (keep the kernel drivers vs. take them away) and
+lockdown is the one that gives less.
+
+Every rule is asked, also after a DENY, so the log line can say what each
+one answered; rules are cheap and read only what they need.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .rules import ALLOW, DENY, DETACH, IGNORE, LOCKDOWN, Device, Rule, Verdict
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict                      # ALLOW, ALLOW_WITH_LOCKDOWN/DETACH or DENY
+    rule: Rule | None                     # the deciding rule; None: default deny
+    answers: tuple[tuple[str, Verdict], ...]
+    reason: str = ""                      # set when no rule could be asked
+    explanation: str = field(init=False, default="")    # explain(), for messages
+    trail_text: str = field(init=False, default="")     # trail(), for the log
+
+    def __post_init__(self):
+        # computed once: a remembered decision is logged many times
+        object.__setattr__(self, "explanation", self.explain())
+        object.__setattr__(self, "trail_text", self.trail())
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is not DENY
+
+    @property
+    def rule_name(self) -> str:
+        return self.rule.name if self.rule is not None else "default-deny"
+
+    def explain(self) -> str:
+        if self.reason:
+            return self.reason
+        if self.rule is None:
+            return "no rule allows this device (default deny)"
+        return f"rule {self.rule.describe()}"
+
+    def trail(self) -> str:
+        """What each rule answered, for the log: 'a=ALLOW b=IGNORE ...'."""
+        return " ".join(f"{n}={v.value}" for n, v in self.answers if v is not IGNORE) or "-"
+
+
+def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
+    answers = []
+    first_deny = first_allow = None
+    lockdown = detach = False
+    for rule in rules:
+        verdict = rule.check(dev)
+        answers.append((rule.name, verdict))
+        if verdict is DENY and first_deny is None:
+            first_deny = rule
+        elif verdict is ALLOW and first_allow is None:
+            first_allow = rule
+        elif verdict is LOCKDOWN:
+            lockdown = True
+        elif verdict is DETACH:
+            detach = True
+    answers = tuple(answers)
+    if first_deny is not None:
+        return Decision(DENY, first_deny, answers)
+    if first_allow is None:
+        return Decision(DENY, None, answers)
+    verdict = LOCKDOWN if lockdown else DETACH if detach else ALLOW
+    return Decision(verdict, first_allow, answers)
+
+
+def no_record(path: str) -> Decision:
+    return Decision(DENY, None, (), reason="the device has no udev record (default deny)")

@@ -1,0 +1,219 @@
+"""The device core: OpenPath, CheckPathAccess, ChownDevice, ReleaseDevice.
+
+Nothing here knows D-Bus: the service hands in the caller (anything with
+uid, gids and name, its unique bus name) and a path or lease id, and gets
+back an fd, a bool or a lease id (with `info`, below), or a DeviceError.  For each request, in order:
+
+  1. policy     - may this caller use this device operation at all
+                  ([[grant]] devices = ["open", "chown"] in broker.toml);
+  2. path       - beneath the dev root, canonical, no symlinks: an O_PATH fd
+                  on a character or block device (safe_open);
+  3. record     - the udev record of the device number fstat gave (record);
+  4. rules      - the chain's decision (chain), naming the deciding rule;
+  5. action     - open (O_RDWR, O_RDONLY if the rule allows the fallback),
+                  then lockdown/detach as the verdict says; or the lease.
+
+Each operation returns its result with `info`, a dict for the request's one
+log line (the service's decision line, broker/logs.py): the verdict, the
+deciding rule, what every rule answered that did not IGNORE, and what was
+done; a DeviceError carries the same as `.info`.  The core logs nothing per
+request itself (lease ends, which no request causes, are logged by leases.py).
+
+Decisions are remembered when they read nothing that can change within a
+device instance (record.py: the reader's `live` flag); the key is what they
+did read: the path, the node's owner, group and mode, the device instance
+(sysfs directory and its identity, looked up again for every request) and
+whether udev has initialized it.  A USB device's decision reads its
+interfaces' drivers, so it is made afresh every time.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from . import chain, safe_open, usbdevfs
+from .config import DevicesConfig
+from .errors import DeviceError, denied
+from .leases import LeaseManager
+from .record import UdevReader
+from .rules import DETACH, LOCKDOWN, Device
+from .rules.base import usb_interfaces
+
+DECISION_CACHE = 1024
+
+
+class DeviceCore:
+    def __init__(self, config: DevicesConfig, policy, use_openat2: bool = True,
+                 ioctl=None):
+        self.config = config
+        self.policy = policy                 # .device_grant(uid, gids, op) or AccessDenied
+        self.reader = UdevReader(config.sysfs, config.udev_data)
+        self.leases = LeaseManager(config.journal, config.lease_timeout_s,
+                                   config.max_leases_per_caller)
+        self.use_openat2 = use_openat2
+        self.ioctl = ioctl                   # None: fcntl.ioctl
+        self._decisions: dict[tuple, chain.Decision] = {}
+
+    # -- the four operations -----------------------------------------------------------
+    def check_path_access(self, caller, path: str) -> tuple[bool, dict]:
+        """Would OpenPath(path) succeed for this caller (as far as the rules
+        and the path go; the open itself is not tried)."""
+        self._authorize(caller, ("open", "chown"))
+        try:
+            node, decision = self._evaluate(path)
+        except DeviceError as e:
+            if e.kind == "InvalidArgument":
+                raise
+            return False, {"answer": False, "why": f"{e.kind}: {e}"}
+        node.close()
+        ok = decision.allowed and self._granted(caller, "open")
+        info = {"answer": ok, **_decided(decision)}
+        if decision.allowed and not ok:
+            info["why"] = "no grant to open"
+        return ok, info
+
+    def open_path(self, caller, path: str) -> tuple[int, dict]:
+        """An fd on the node, opened by the broker (the caller's to keep)."""
+        self._authorize(caller, ("open",))
+        node, decision = self._decide_or_refuse(path)
+        try:
+            fd, how = self._open(node, decision, path)
+        except DeviceError as e:
+            e.info = _decided(decision)
+            raise
+        finally:
+            node.close()
+        return fd, {**_decided(decision), "done": how}
+
+    def chown_device(self, caller, path: str) -> tuple[str, dict]:
+        """Give the node to the caller's uid for a lease; returns the lease id."""
+        self._authorize(caller, ("chown",))
+        node, decision = self._decide_or_refuse(path)
+        if decision.verdict in (LOCKDOWN, DETACH):
+            node.close()
+            e = denied(f"{path!r}: allowed only {decision.verdict.value} (rule "
+                       f"{decision.rule_name!r}), which needs the broker's own fd: use OpenPath")
+            e.info = _decided(decision)
+            raise e
+        mode, before = decision.rule.lease_mode, node.st
+        try:
+            lease = self.leases.take(caller.name, caller.uid, path, node, mode)
+        except DeviceError as e:
+            e.info = _decided(decision)
+            raise
+        return lease.lease_id, {
+            **_decided(decision), "lease": lease.lease_id,
+            "done": f"uid {before.st_uid}->{caller.uid} mode "
+                    f"{before.st_mode & 0o7777:04o}->{mode:04o}, journaled first"}
+
+    def release_device(self, caller, lease_id: str) -> dict:
+        if not isinstance(lease_id, str) or not 0 < len(lease_id) <= 64:
+            raise DeviceError("InvalidArgument", "not a lease id")
+        lease = self.leases.release(caller.name, lease_id)
+        return {"node": lease.path, "done": "restored"}
+
+    # -- events --------------------------------------------------------------------------
+    def caller_gone(self, name: str) -> None:
+        self.leases.caller_gone(name)
+
+    def replay(self) -> list[str]:
+        return self.leases.replay(self.use_openat2)
+
+    def close(self) -> None:
+        self.leases.close_all()
+
+    # -- steps ---------------------------------------------------------------------------
+    def _granted(self, caller, op: str) -> bool:
+        try:
+            self.policy.device_grant(caller.uid, caller.gids, op)
+            return True
+        except Exception:
+            return False
+
+    def _authorize(self, caller, ops: tuple[str, ...]) -> None:
+        if any(self._granted(caller, op) for op in ops):
+            return
+        raise denied(f"no grant lets uid {caller.uid} use device operation "
+                     f"{' or '.join(repr(o) for o in ops)} (grants are in the broker's policy "
+                     f"file)")
+
+    def _evaluate(self, path: str):
+        node = safe_open.open_node(self.config.dev_root, path, self.use_openat2)
+        try:
+            st = node.st
+            record = self.reader.for_stat(st)
+            if record is None:
+                return node, chain.no_record(path)
+            key = (path, st.st_rdev, st.st_mode, st.st_uid, st.st_gid, record.syspath,
+                   record.ident, record.is_initialized)
+            decision = self._decisions.get(key)
+            if decision is None:
+                self.reader.live = False
+                decision = chain.decide(self.config.rules, Device(path, st, record))
+                if not self.reader.live:
+                    if len(self._decisions) >= DECISION_CACHE:
+                        self._decisions.clear()
+                    self._decisions[key] = decision
+            return node, decision
+        except BaseException:
+            node.close()
+            raise
+
+    def _decide_or_refuse(self, path: str):
+        node, decision = self._evaluate(path)
+        if not decision.allowed:
+            node.close()
+            e = denied(f"{path!r}: denied by {decision.explanation}")
+            e.info = _decided(decision)
+            raise e
+        return node, decision
+
+    def _open(self, node, decision, path: str) -> tuple[int, str]:
+        try:
+            fd, how = safe_open.reopen(node.fd, os.O_RDWR), "opened O_RDWR"
+        except OSError as e:
+            if not (decision.rule.readonly_fallback
+                    and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise DeviceError("Failed", f"{path!r}: open: {e.strerror}") from None
+            try:
+                fd, how = safe_open.reopen(node.fd, os.O_RDONLY), \
+                    f"O_RDWR refused ({e.strerror}), opened O_RDONLY"
+            except OSError as e2:
+                raise DeviceError("Failed", f"{path!r}: open: {e2.strerror}") from None
+        if decision.verdict in (LOCKDOWN, DETACH):
+            try:
+                how += "; " + self._usb_restrict(fd, node, decision)
+            except BaseException as e:
+                os.close(fd)
+                if isinstance(e, DeviceError):
+                    raise
+                if isinstance(e, OSError):
+                    raise DeviceError("Failed", f"{path!r}: {decision.verdict.value}: "
+                                                f"{e.strerror}; the fd was not handed out") \
+                        from None
+                raise
+        return fd, how
+
+    def _usb_restrict(self, fd: int, node, decision) -> str:
+        record = self.reader.for_stat(node.st)
+        if record is None or record.subsystem != "usb" or record.devtype != "usb_device":
+            raise DeviceError("Failed", f"{decision.verdict.value} applies to USB device "
+                                        f"nodes only; the fd was not handed out")
+        claimed, unclaimed = [], []
+        for iface in usb_interfaces(record):
+            number = iface.attribute_hex("bInterfaceNumber")
+            if number is None:
+                continue
+            (claimed if iface.driver and iface.driver != "usbfs" else unclaimed).append(number)
+        kw = {} if self.ioctl is None else {"ioctl": self.ioctl}
+        if decision.verdict is LOCKDOWN:
+            mask = usbdevfs.lockdown(fd, unclaimed, **kw)
+            return f"USBDEVFS_DROP_PRIVILEGES mask={mask:#x}"
+        done = usbdevfs.detach(fd, claimed, **kw)
+        return f"USBDEVFS_DISCONNECT_CLAIM interfaces={done}"
+
+
+def _decided(decision: chain.Decision) -> dict:
+    """What a log line says about the rules' decision."""
+    return {"rule": decision.rule_name, "rule_verdict": decision.verdict.value,
+            "rules": decision.trail_text}

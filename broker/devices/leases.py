@@ -1,0 +1,406 @@
+"""ChownDevice leases and the journal that makes them crash-safe.
+
+A lease gives a device node to a caller's uid (owner := caller, mode := the
+rule's lease mode, group unchanged) until it is released, the caller's bus
+connection goes away, or the optional timeout passes; then the original
+owner, group, mode and POSIX ACL are put back.  Everything is done through
+the O_PATH fd the broker opened (chown/chmod/xattrs on /proc/self/fd/N), never
+by path; the fd is held for the lease's life.
+
+The journal (one JSON object per line, append-only) records the original
+*before* anything is changed, and is fsync'd first:
+
+  {"op": "take", "id": ..., "root": ..., "rel": ..., "dev": st_dev, "ino": ...,
+   "rdev": ..., "kind": "c", "uid": ..., "gid": ..., "mode": ..., "acl": b64|null,
+   "to_uid": ..., "to_mode": ..., "t": ...}
+  {"op": "end", "id": ...}                  once the original is back
+
+so after a crash every "take" without its "end" names a node that may still
+be changed.  replay() (at start, before the broker is on the bus) finds each
+again beneath its root without following symlinks and restores it if it is
+still the same inode (dev, ino, rdev); a node that is gone or was recreated
+(unplugged, replugged: udev made a fresh one) is left alone.  A torn last
+line is a "take" whose write never completed, so nothing was changed for it.
+The journal must be private to the broker (owned by its uid, not writable by
+group or others, nor its directory): a forged "take" would make replay hand
+a node to anyone.
+
+One lease per node (by inode): a second ChownDevice gets Busy, whoever holds
+it (the message says nothing about the holder).  A caller (uid) holds at
+most `max_per_uid` leases.  Note that an fd a holder opened during the lease
+stays usable after it: Linux has no revoke(); the lease decides who may
+*open* the node.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import json
+import logging
+import os
+import secrets
+import stat as stat_mod
+import time
+from dataclasses import dataclass, field
+
+from . import safe_open
+from .errors import DeviceError
+
+log = logging.getLogger("privbrokerd")
+
+ACL_XATTR = "system.posix_acl_access"
+COMPACT_AFTER = 256          # journal lines before it is rewritten with pending takes only
+
+
+class JournalError(Exception):
+    pass
+
+
+# -- the journal ----------------------------------------------------------------------
+
+class Journal:
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+        self.lines = 0
+
+    def _check_private(self, st: os.stat_result, what: str) -> None:
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise JournalError(f"{what} must be owned by uid {os.geteuid()} and not writable "
+                               f"by group or others (it is uid {st.st_uid}, mode "
+                               f"{stat_mod.S_IMODE(st.st_mode):04o})")
+
+    def _open(self) -> int:
+        if self.fd is None:
+            d = os.path.dirname(self.path) or "."
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            self._check_private(os.stat(d), f"the journal's directory {d}")
+            created = not os.path.lexists(self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                self._check_private(os.fstat(fd), f"the journal {self.path}")
+                if created:
+                    _fsync_dir(d)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+        return self.fd
+
+    def append(self, record: dict) -> None:
+        """Write one line and fsync it; returns only once it is on disk."""
+        fd = self._open()
+        data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+        self.lines += 1
+
+    def read(self) -> list[dict]:
+        """Every complete record; a torn or garbled line is skipped (logged)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            d = os.path.dirname(self.path) or "."
+            self._check_private(os.stat(d), f"the journal's directory {d}")
+            self._check_private(os.fstat(fd), f"the journal {self.path}")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+        out = []
+        for n, line in enumerate(data.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or rec.get("op") not in ("take", "end"):
+                    raise ValueError("not a journal record")
+                out.append(rec)
+            except ValueError:
+                log.warning("device lease journal %s: line %d unreadable (a torn write "
+                            "is expected only on the last line); skipped", self.path, n)
+        return out
+
+    def rewrite(self, keep: list[dict]) -> None:
+        """Replace the journal by exactly `keep`, atomically (tmp, fsync,
+        rename, fsync dir)."""
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            for rec in keep:
+                os.write(fd, json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+                         + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.path)
+        _fsync_dir(d)
+        self.close()
+        self.lines = len(keep)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pending(records: list[dict]) -> list[dict]:
+    """The takes without an end, in journal order."""
+    open_: dict[str, dict] = {}
+    for rec in records:
+        if rec["op"] == "take" and isinstance(rec.get("id"), str):
+            open_[rec["id"]] = rec
+        elif rec["op"] == "end":
+            open_.pop(rec.get("id"), None)
+    return list(open_.values())
+
+
+# -- changing and restoring a node through its fd ------------------------------------
+
+def read_acl(fd: int) -> bytes | None:
+    try:
+        return os.getxattr(safe_open.fd_path(fd), ACL_XATTR)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def restore(fd: int, uid: int, gid: int, mode: int, acl: bytes | None) -> None:
+    """Owner, group, mode, then the ACL (which also sets the group bits its
+    mask stands for, consistent with the original mode)."""
+    p = safe_open.fd_path(fd)
+    os.chown(p, uid, gid)
+    os.chmod(p, stat_mod.S_IMODE(mode))
+    if acl is not None:
+        os.setxattr(p, ACL_XATTR, acl)
+    else:
+        try:
+            os.removexattr(p, ACL_XATTR)       # one the holder may have added
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+
+
+# -- leases ---------------------------------------------------------------------------
+
+@dataclass
+class Lease:
+    lease_id: str
+    owner: str                       # the caller's unique bus name
+    uid: int                         # the caller's uid: the node's owner during the lease
+    path: str
+    node: safe_open.Node             # holds the O_PATH fd
+    orig: dict                       # the journal's "take" record
+    started: float = field(default_factory=time.time)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.node.st.st_dev, self.node.st.st_ino
+
+
+class LeaseManager:
+    def __init__(self, journal_path: str, timeout_s: float = 0, max_per_uid: int = 8):
+        self.journal = Journal(journal_path)
+        self.timeout_s = timeout_s
+        self.max_per_uid = max_per_uid
+        self.by_id: dict[str, Lease] = {}
+        self.by_node: dict[tuple[int, int], str] = {}
+        self.stale: dict[str, dict] = {}     # takes whose restore failed: retried at start
+
+    # -- taking -------------------------------------------------------------------
+    def take(self, owner: str, uid: int, path: str, node: safe_open.Node, mode: int) -> Lease:
+        """Journal the original, then chown/chmod through the fd.  The node
+        (and its fd) belongs to the lease from here on, also on failure."""
+        key = (node.st.st_dev, node.st.st_ino)
+        if key in self.by_node:
+            node.close()
+            raise DeviceError("Busy", f"{path!r} is already leased; try again once it is "
+                                      f"released")
+        if sum(1 for lease in self.by_id.values() if lease.uid == uid) >= self.max_per_uid:
+            node.close()
+            raise DeviceError("LimitExceeded", f"uid {uid} already holds {self.max_per_uid} "
+                                               f"device leases (the broker's limit)")
+        try:
+            st = os.fstat(node.fd)
+            acl = read_acl(node.fd)
+        except OSError as e:
+            node.close()
+            raise DeviceError("Failed", f"{path!r}: {e.strerror}") from None
+        lease_id = secrets.token_hex(8)
+        rec = {"op": "take", "id": lease_id, "root": node.root, "rel": node.rel,
+               "dev": st.st_dev, "ino": st.st_ino, "rdev": st.st_rdev, "kind": node.kind,
+               "uid": st.st_uid, "gid": st.st_gid, "mode": stat_mod.S_IMODE(st.st_mode),
+               "acl": None if acl is None else base64.b64encode(acl).decode(),
+               "to_uid": uid, "to_mode": mode, "t": round(time.time(), 3)}
+        try:
+            self.journal.append(rec)
+        except (OSError, JournalError) as e:
+            node.close()
+            log.error("device lease journal %s: %s", self.journal.path, e)
+            raise DeviceError("Failed", "the broker cannot record the lease; nothing was "
+                                        "changed") from None
+        p = safe_open.fd_path(node.fd)
+        try:
+            os.chmod(p, mode)        # first: no moment where the caller owns the old mode
+            os.chown(p, uid, -1)
+        except OSError as e:
+            self._undo(lease_id, node, rec, f"take failed: {e.strerror}")
+            raise DeviceError("Failed", f"{path!r}: {e.strerror}") from None
+        lease = Lease(lease_id, owner, uid, path, node, rec)
+        self.by_id[lease_id] = lease
+        self.by_node[key] = lease_id
+        if self.timeout_s > 0:
+            lease.timer = asyncio.get_running_loop().call_later(
+                self.timeout_s, self._expire, lease_id)
+        return lease
+
+    # -- ending -------------------------------------------------------------------
+    def release(self, owner: str, lease_id: str) -> Lease:
+        lease = self.by_id.get(lease_id)
+        if lease is None or lease.owner != owner:
+            # the same answer whether it never existed or is someone else's
+            raise DeviceError("NotFound", f"no lease {lease_id!r} held by this connection")
+        self.end(lease, "released")
+        return lease
+
+    def caller_gone(self, owner: str) -> list[Lease]:
+        gone = [lease for lease in self.by_id.values() if lease.owner == owner]
+        for lease in gone:
+            self.end(lease, "the caller disconnected")
+        return gone
+
+    def _expire(self, lease_id: str) -> None:
+        lease = self.by_id.get(lease_id)
+        if lease is not None:
+            lease.timer = None
+            self.end(lease, f"timed out after {self.timeout_s:g}s")
+
+    def end(self, lease: Lease, why: str) -> bool:
+        """Restore the original and journal the end; True if restored."""
+        self.by_id.pop(lease.lease_id, None)
+        self.by_node.pop(lease.key, None)
+        if lease.timer is not None:
+            lease.timer.cancel()
+            lease.timer = None
+        ok = self._undo(lease.lease_id, lease.node, lease.orig, why, path=lease.path,
+                        uid=lease.uid)
+        return ok
+
+    def _undo(self, lease_id: str, node: safe_open.Node, rec: dict, why: str,
+              path: str | None = None, uid: int | None = None) -> bool:
+        path = path or f"{rec['root'].rstrip('/')}/{rec['rel']}"
+        try:
+            restore(node.fd, rec["uid"], rec["gid"], rec["mode"], _acl(rec))
+        except OSError as e:
+            self.stale[lease_id] = rec
+            log.error("device lease %s on %r: %s; restoring uid=%d gid=%d mode=%04o FAILED "
+                      "(%s); the journal keeps it for the next start", lease_id, path, why,
+                      rec["uid"], rec["gid"], rec["mode"], e.strerror)
+            node.close()
+            return False
+        node.close()
+        log.info("device lease %s on %r (uid %s): %s; restored uid=%d gid=%d mode=%04o%s",
+                 lease_id, path, uid if uid is not None else rec.get("to_uid"), why,
+                 rec["uid"], rec["gid"], rec["mode"], " acl" if rec.get("acl") else "")
+        self._journal_end(lease_id)
+        return True
+
+    def _journal_end(self, lease_id: str) -> None:
+        try:
+            if not self.by_id and not self.stale:
+                self.journal.rewrite([])             # nothing pending: start afresh
+            elif self.journal.lines >= COMPACT_AFTER:
+                self.journal.rewrite([lease.orig for lease in self.by_id.values()]
+                                     + list(self.stale.values()))
+            else:
+                self.journal.append({"op": "end", "id": lease_id})
+        except (OSError, JournalError) as e:
+            # restored already; the worst case is a redundant restore at start
+            log.error("device lease journal %s: %s", self.journal.path, e)
+
+    # -- after a crash ----------------------------------------------------------------
+    def replay(self, use_openat2: bool = True) -> list[str]:
+        """Restore every node a previous run left changed.  Returns one line
+        per lease, as logged."""
+        try:
+            records = self.journal.read()
+        except (OSError, JournalError) as e:
+            log.error("device lease journal %s: %s; nothing replayed", self.journal.path, e)
+            return []
+        lines, keep = [], []
+        for rec in pending(records):
+            line, retry = self._replay_one(rec, use_openat2)
+            if retry:
+                log.warning("%s", line)
+            else:
+                log.info("%s", line)
+            lines.append(line)
+            if retry:
+                keep.append(rec)
+        self.stale = {rec["id"]: rec for rec in keep}
+        try:
+            if records or os.path.lexists(self.journal.path):
+                self.journal.rewrite(keep)
+        except (OSError, JournalError) as e:
+            log.error("device lease journal %s: %s", self.journal.path, e)
+        return lines
+
+    def _replay_one(self, rec: dict, use_openat2: bool) -> tuple[str, bool]:
+        try:
+            lease_id, root, rel = rec["id"], rec["root"], rec["rel"]
+            want = (int(rec["dev"]), int(rec["ino"]), int(rec["rdev"]))
+            uid, gid, mode = int(rec["uid"]), int(rec["gid"]), int(rec["mode"])
+            acl = _acl(rec)
+        except (KeyError, TypeError, ValueError):
+            return f"device lease journal: malformed take record {rec!r}; skipped", False
+        path = f"{root.rstrip('/')}/{rel}"
+        head = f"device lease {lease_id} on {path!r} (left by a previous run)"
+        try:
+            fd = safe_open.open_beneath(root, rel, use_openat2)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                return f"{head}: the node is gone; nothing to restore", False
+            return f"{head}: cannot reach the node ({e.strerror}); kept for the next start", \
+                e.errno not in (errno.ELOOP, errno.EXDEV)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_rdev) != want or not (
+                    stat_mod.S_ISCHR(st.st_mode) or stat_mod.S_ISBLK(st.st_mode)):
+                return f"{head}: a different node is there now (recreated); left alone", False
+            try:
+                restore(fd, uid, gid, mode, acl)
+            except OSError as e:
+                return f"{head}: restore failed ({e.strerror}); kept for the next start", True
+            return (f"{head}: restored uid={uid} gid={gid} mode={mode:04o}"
+                    f"{' acl' if acl is not None else ''}", False)
+        finally:
+            os.close(fd)
+
+    def close_all(self, why: str = "the broker is stopping") -> None:
+        for lease in list(self.by_id.values()):
+            self.end(lease, why)
+        self.journal.close()
+
+
+def _acl(rec: dict) -> bytes | None:
+    return None if rec.get("acl") is None else base64.b64decode(rec["acl"])

@@ -1,0 +1,157 @@
+"""What every rule shares: the verdicts, the device a rule looks at, the base
+class, and the parsers for rule parameters from the broker's config.
+
+A rule is a small class: `type` (its name in the config), `summary` (what
+it is about, quoted in refusals), `params` (its config keys and their
+parsers) and `check(device) -> Verdict`, a plain function of the device's
+udev record and its node's stat.  Rules do no I/O except reading the
+record (which reads sysfs and udev's database lazily).
+"""
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from ..record import DeviceRecord
+
+
+class Verdict(enum.Enum):
+    ALLOW = "ALLOW"
+    ALLOW_WITH_LOCKDOWN = "ALLOW_WITH_LOCKDOWN"    # open, then USBDEVFS_DROP_PRIVILEGES
+    ALLOW_WITH_DETACH = "ALLOW_WITH_DETACH"        # detach kernel drivers, then open
+    DENY = "DENY"
+    IGNORE = "IGNORE"
+
+
+ALLOW, LOCKDOWN, DETACH, DENY, IGNORE = (Verdict.ALLOW, Verdict.ALLOW_WITH_LOCKDOWN,
+                                         Verdict.ALLOW_WITH_DETACH, Verdict.DENY,
+                                         Verdict.IGNORE)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a rule sees: the path as asked, the node's stat (from the fd the
+    broker opened) and the udev record of the device number in that stat."""
+    path: str
+    st: os.stat_result
+    record: DeviceRecord
+
+    @property
+    def gid(self) -> int:
+        return self.st.st_gid
+
+
+class RuleConfigError(ValueError):
+    pass
+
+
+class Rule:
+    type: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    params: ClassVar[dict[str, Callable[[Any, str], Any]]] = {}
+
+    def __init__(self, name: str | None = None, lease_mode: int = 0o600,
+                 readonly_fallback: bool = False, **params):
+        self.name = name or self.type
+        self.lease_mode = lease_mode
+        self.readonly_fallback = readonly_fallback
+        for key, value in params.items():
+            setattr(self, key, value)
+
+    def check(self, dev: Device) -> Verdict:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.summary})" if self.summary else repr(self.name)
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name} ({self.type})>"
+
+
+# -- parameter parsers: (value from TOML, where) -> value -------------------------
+
+_HEX4 = re.compile(r"^[0-9a-fA-F]{4}$")
+
+
+def usb_ids(v, where: str) -> frozenset[tuple[int, int | None]]:
+    """["18d1:4ee7", "2341:*"] -> {(0x18d1, 0x4ee7), (0x2341, None)}"""
+    out = set()
+    for item in _list(v, where):
+        vid, sep, pid = str(item).partition(":")
+        if not sep or not _HEX4.match(vid) or not (pid == "*" or _HEX4.match(pid)):
+            raise RuleConfigError(f"{where}: {item!r} is not VID:PID (4 hex digits each, "
+                                  f"PID may be *)")
+        out.add((int(vid, 16), None if pid == "*" else int(pid, 16)))
+    return frozenset(out)
+
+
+def usb_vendors(v, where: str) -> frozenset[int]:
+    out = set()
+    for item in _list(v, where):
+        if not _HEX4.match(str(item)):
+            raise RuleConfigError(f"{where}: vendor {item!r} is not 4 hex digits")
+        out.add(int(str(item), 16))
+    return frozenset(out)
+
+
+def groups(v, where: str) -> frozenset[int]:
+    """Group names or gids -> gids (an unknown name is an error, as in [[grant]])."""
+    out = set()
+    for item in _list(v, where):
+        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+            out.add(item)
+            continue
+        try:
+            out.add(grp.getgrnam(str(item)).gr_gid)
+        except KeyError:
+            raise RuleConfigError(f"{where}: unknown group {item!r}") from None
+    return frozenset(out)
+
+
+def byte_values(v, where: str) -> frozenset[int]:
+    out = set()
+    for item in _list(v, where):
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item <= 0xFF:
+            raise RuleConfigError(f"{where}: {item!r} is not a class number 0..255")
+        out.add(item)
+    return frozenset(out)
+
+
+def names(v, where: str) -> frozenset[str]:
+    out = set()
+    for item in _list(v, where):
+        if not isinstance(item, str) or not item:
+            raise RuleConfigError(f"{where}: {item!r} is not a name")
+        out.add(item)
+    return frozenset(out)
+
+
+def _list(v, where: str) -> list:
+    if not isinstance(v, list):
+        raise RuleConfigError(f"{where}: expected a list, got {v!r}")
+    return v
+
+
+# -- helpers the USB rules share ----------------------------------------------------
+
+def usb_device(dev: Device) -> DeviceRecord | None:
+    """The record when the node is a USB device node (usbfs), else None."""
+    r = dev.record
+    return r if r.subsystem == "usb" and r.devtype == "usb_device" else None
+
+
+def usb_id(r: DeviceRecord) -> tuple[int | None, int | None]:
+    return r.attribute_hex("idVendor"), r.attribute_hex("idProduct")
+
+
+def usb_id_listed(r: DeviceRecord, ids: frozenset[tuple[int, int | None]]) -> bool:
+    vid, pid = usb_id(r)
+    return vid is not None and ((vid, pid) in ids or (vid, None) in ids)
+
+
+def usb_interfaces(r: DeviceRecord) -> list[DeviceRecord]:
+    return [c for c in r.children() if c.devtype == "usb_interface"]

@@ -1,0 +1,91 @@
+"""`privbroker open | check | chown`: the device subcommands.
+
+    privbroker open PATH [--fd N] [-- CMD [ARGS...]]
+        The broker opens PATH (rule-checked) and hands over the fd.  With CMD:
+        run it with the device as fd N (default 3; $PRIVBROKER_FD says which)
+        and exit with its status.  Without: say how it was opened.
+    privbroker check PATH
+        Would `open` be allowed?  Prints allowed/denied; exit 0 or 1.
+    privbroker chown PATH [-- CMD [ARGS...]]
+        Lease PATH to your uid.  With CMD: hold the lease while it runs, then
+        release.  Without: print the lease id and hold it until SIGINT/SIGTERM.
+        The lease also ends when this program exits or dies (the broker sees
+        its connection go), and the broker restores the node.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import subprocess
+import threading
+
+COMMANDS = ("open", "check", "chown")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("open", help="have the broker open a device node for you")
+    p.add_argument("path")
+    p.add_argument("--fd", type=int, default=3, help="fd number for CMD (default 3)")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p = sub.add_parser("check", help="would `open` be allowed")
+    p.add_argument("path")
+    p = sub.add_parser("chown", help="lease a device node to your uid")
+    p.add_argument("path")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+
+def _cmd(argv: list[str]) -> list[str]:
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def dispatch(b, args) -> int:
+    if args.cmd == "check":
+        ok = b.check_path_access(args.path)
+        print(f"{args.path}: {'allowed' if ok else 'denied'}")
+        return 0 if ok else 1
+    if args.cmd == "open":
+        fd = b.open_path(args.path)
+        try:
+            cmd = _cmd(args.argv)
+            if not cmd:
+                mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+                print(f"{args.path}: opened {'read-write' if mode == os.O_RDWR else 'read-only'}")
+                return 0
+            return _spawn_with_fd(cmd, fd, args.fd)
+        finally:
+            os.close(fd)
+    if args.cmd == "chown":
+        lease = b.chown_device(args.path)
+        try:
+            cmd = _cmd(args.argv)
+            if cmd:
+                return subprocess.run(cmd).returncode
+            print(f"{args.path}: lease {lease}; held until interrupted", flush=True)
+            _wait_for_signal()
+            return 0
+        finally:
+            b.release_device(lease)
+    return 2
+
+
+def _spawn_with_fd(cmd: list[str], fd: int, target: int) -> int:
+    """Run cmd with `fd` as its fd `target` (posix_spawn's dup2: no
+    pre-exec Python code in a threaded process)."""
+    env = dict(os.environ, PRIVBROKER_FD=str(target))
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target)] if fd != target else []
+    if fd == target:
+        os.set_inheritable(fd, True)
+    pid = os.posix_spawnp(cmd[0], cmd, env, file_actions=actions)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
+        128 + os.WTERMSIG(status)
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda _s, _f: done.set())
+    while not done.wait(0.5):
+        pass

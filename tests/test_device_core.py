@@ -1,0 +1,304 @@
+"""The device core without D-Bus: policy, path, record, rules, action, and
+what the request's log line says.  Nodes are clones of /dev/zero (1:5) and /dev/null
+(1:3) so opens really happen; the udev records say what each one is."""
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+
+import pytest
+
+from broker import policy
+from broker.devices import usbdevfs
+from broker.devices.core import DeviceCore
+from broker.devices.errors import DeviceError
+from udev_tree import make_node, sample
+
+PLUGDEV = grp.getgrnam("plugdev").gr_gid
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int = 4321
+    gids: frozenset = frozenset()
+    name: str = ":1.7"
+    pid: int = 1
+
+    def describe(self):
+        return f"uid={self.uid} pid={self.pid} name={self.name}"
+
+
+CONFIG = """
+profiles_dir = "p"
+[[grant]]
+name = "devs"
+users = [4321, 4322]
+devices = ["open", "chown"]
+[[grant]]
+name = "openers"
+users = [5000]
+devices = ["open"]
+[devices]
+dev_root = "{root}/dev"
+sysfs = "{root}/sys"
+udev_data = "{root}/run/udev/data"
+journal = "{root}/state/leases.journal"
+[[devices.rule]]
+type = "deny_uninitialized"
+[[devices.rule]]
+type = "allow_usb_device"
+allow = ["1209:*"]
+[[devices.rule]]
+type = "deny_claimed_usb"
+detachable_classes = [8]
+[[devices.rule]]
+type = "deny_usb_hub"
+[[devices.rule]]
+type = "allow_hidraw"
+lease_mode = 0o640
+[[devices.rule]]
+type = "deny_unsafe_hidraw"
+[[devices.rule]]
+type = "allow_group"
+groups = ["plugdev"]
+readonly_fallback = true
+"""
+
+# node name -> (sysname in the recordings, udev number), all cloned from zero/null
+NODES = {"bus/usb/001/003": ("1-2", 2), "bus/usb/001/004": ("1-3", 3),
+         "bus/usb/001/005": ("1-4", 4), "bus/usb/001/002": ("1-1", 1),
+         "hidraw0": ("hidraw0", 10), "hidraw1": ("hidraw1", 11), "hidraw2": ("hidraw2", 12),
+         "pbgadget": ("pbgadget", 13)}
+
+
+def make(tmp_path, which: str, gid: int = 0) -> str:
+    """A tree where `which` is char 1:5 (zero) or 1:3 for pbgadget, and a
+    node for it; returns its path."""
+    sysname, n = NODES[which]
+    nums = {s: (250, m) for s, m in NODES.values()}
+    nums[sysname] = (1, 3) if which == "pbgadget" else (1, 5)
+    sample(tmp_path, devnums=nums)
+    major, minor = nums[sysname]
+    make_node(tmp_path / "dev", which, "c", major, minor, mode=0o660, gid=gid)
+    return f"{tmp_path}/dev/{which}"
+
+
+def core(tmp_path, ioctl=None) -> DeviceCore:
+    (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
+    pol = policy.parse(tomllib.loads(CONFIG.format(root=tmp_path)))
+    return DeviceCore(pol.devices, pol, ioctl=ioctl)
+
+
+def test_the_core_imports_no_dbus():
+    code = ("import sys, broker.devices.core, broker.devices.leases, broker.devices.config;"
+            "bad = [m for m in sys.modules if 'dbus' in m]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_allowed_device_is_opened_read_write(tmp_path):
+    path = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    fd, info = c.open_path(Caller(), path)
+    try:
+        assert os.read(fd, 4) == b"\0\0\0\0" and os.write(fd, b"x") == 1
+    finally:
+        os.close(fd)
+    assert info == {"rule": "allow_hidraw", "rule_verdict": "ALLOW",
+                    "rules": "allow_hidraw=ALLOW", "done": "opened O_RDWR"}
+    assert os.stat(path).st_uid == 0                     # OpenPath never chowns
+
+
+def test_a_denied_device_names_the_rule(tmp_path):
+    path = make(tmp_path, "hidraw1")
+    with pytest.raises(DeviceError) as e:
+        core(tmp_path).open_path(Caller(), path)
+    assert e.value.kind == "AccessDenied"
+    assert "denied by rule 'deny_unsafe_hidraw'" in str(e.value)
+    assert e.value.info == {"rule": "deny_unsafe_hidraw", "rule_verdict": "DENY",
+                            "rules": "allow_hidraw=ALLOW deny_unsafe_hidraw=DENY"}
+
+
+@pytest.mark.parametrize("which,rule", [("hidraw2", "deny_uninitialized"),
+                                        # the first DENY in chain order is named
+                                        ("bus/usb/001/002", "deny_claimed_usb")])
+def test_other_denials(tmp_path, which, rule):
+    c = core(tmp_path)
+    path = make(tmp_path, which)
+    assert c.check_path_access(Caller(), path)[0] is False
+    with pytest.raises(DeviceError, match=f"rule '{rule}'"):
+        c.open_path(Caller(), path)
+
+
+def test_default_deny_and_no_record(tmp_path):
+    c = core(tmp_path)
+    path = make(tmp_path, "pbgadget", gid=0)              # not plugdev: no rule allows
+    with pytest.raises(DeviceError, match="no rule allows this device"):
+        c.open_path(Caller(), path)
+    make_node(tmp_path / "dev", "unknown", "c", 1, 7)      # no sysfs entry for 1:7
+    with pytest.raises(DeviceError, match="no udev record"):
+        c.open_path(Caller(), f"{tmp_path}/dev/unknown")
+
+
+def test_read_only_fallback_only_where_the_rule_allows(tmp_path, monkeypatch):
+    from broker.devices import safe_open
+    real = safe_open.reopen
+
+    def no_write(fd, flags):
+        if flags & os.O_ACCMODE == os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real(fd, flags)
+
+    monkeypatch.setattr(safe_open, "reopen", no_write)
+    path = make(tmp_path, "pbgadget", gid=PLUGDEV)         # allow_group: fallback allowed
+    fd, info = core(tmp_path).open_path(Caller(), path)
+    assert "opened O_RDONLY" in info["done"]
+    assert os.get_inheritable(fd) is False
+    import fcntl
+    assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    os.close(fd)
+    path = make(tmp_path / "h", "hidraw0")                 # allow_hidraw: no fallback
+    with pytest.raises(DeviceError) as e:
+        core(tmp_path / "h").open_path(Caller(), path)
+    assert e.value.kind == "Failed"
+
+
+class Ioctls:
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, fd, request, arg):
+        self.calls.append((request, bytes(arg)))
+        if self.fail:
+            raise OSError(25, "Inappropriate ioctl for device")
+
+
+def _fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_lockdown_allows_only_the_free_interfaces(tmp_path):
+    path = make(tmp_path, "bus/usb/001/005")               # usbhid on 0, 1 free
+    io = Ioctls()
+    fd, info = core(tmp_path, ioctl=io).open_path(Caller(), path)
+    os.close(fd)
+    assert info["rule_verdict"] == "ALLOW_WITH_LOCKDOWN" and "mask=0x2" in info["done"]
+    assert io.calls == [(usbdevfs.USBDEVFS_DROP_PRIVILEGES, (0b10).to_bytes(4, "little"))]
+
+
+def test_detach_claims_the_driver_held_interfaces(tmp_path):
+    path = make(tmp_path, "bus/usb/001/004")               # usb-storage on 0, class 8
+    io = Ioctls()
+    os.close(core(tmp_path, ioctl=io).open_path(Caller(), path)[0])
+    [(request, arg)] = io.calls
+    assert request == usbdevfs.USBDEVFS_DISCONNECT_CLAIM
+    n, flags, driver = usbdevfs._DISCONNECT_CLAIM.unpack(arg)
+    assert (n, flags, driver.rstrip(b"\0")) == (
+        0, usbdevfs.USBDEVFS_DISCONNECT_CLAIM_EXCEPT_DRIVER, b"usbfs")
+
+
+def test_a_failed_lockdown_hands_out_nothing(tmp_path):
+    path = make(tmp_path, "bus/usb/001/005")
+    c = core(tmp_path, ioctl=Ioctls(fail=True))
+    before = _fds()
+    with pytest.raises(DeviceError) as e:
+        c.open_path(Caller(), path)
+    assert e.value.kind == "Failed" and "not handed out" in str(e.value)
+    assert _fds() == before
+
+
+def test_lockdown_and_detach_devices_cannot_be_leased(tmp_path):
+    path = make(tmp_path, "bus/usb/001/005")
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), path)[0] is True
+    with pytest.raises(DeviceError, match="use OpenPath") as e:
+        c.chown_device(Caller(), path)
+    assert e.value.kind == "AccessDenied" and os.stat(path).st_uid == 0
+
+
+def test_grants(tmp_path):
+    path = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    with pytest.raises(DeviceError, match="no grant lets uid 999"):
+        c.check_path_access(Caller(uid=999), path)
+    with pytest.raises(DeviceError, match="device operation 'chown'"):
+        c.chown_device(Caller(uid=5000), path)
+    assert c.check_path_access(Caller(uid=5000), path)[0] is True
+    os.close(c.open_path(Caller(uid=5000), path)[0])
+
+
+def test_a_lease_through_the_core(tmp_path, caplog):
+    path = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    before = _fds()
+    lease, info = c.chown_device(Caller(), path)
+    assert info["lease"] == lease and info["done"] == "uid 0->4321 mode 0660->0640, journaled first"
+    st = os.stat(path)
+    assert (st.st_uid, st.st_mode & 0o777) == (4321, 0o640)   # the rule's lease_mode
+    with pytest.raises(DeviceError) as e:
+        c.chown_device(Caller(uid=4322, name=":1.8"), path)
+    assert e.value.kind == "Busy" and e.value.info["rule"] == "allow_hidraw"
+    with caplog.at_level(logging.INFO, "privbrokerd"):
+        assert c.release_device(Caller(), lease) == {"node": path, "done": "restored"}
+    st = os.stat(path)
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o660)
+    assert _fds() == before
+    [line] = [r.getMessage() for r in caplog.records]       # lease ends are logged here
+    assert line.startswith(f"device lease {lease} on {path!r} (uid 4321): released; "
+                           f"restored uid=0 gid=0 mode=0660")
+
+
+def test_check_path_access_answers_false_for_refused_paths(tmp_path):
+    path = make(tmp_path, "hidraw0")
+    os.symlink("hidraw0", tmp_path / "dev" / "link")
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), f"{tmp_path}/dev/link") == (
+        False, {"answer": False, "why": f"AccessDenied: '{tmp_path}/dev/link' is a symlink, "
+                                       f"not a device node"})
+    assert c.check_path_access(Caller(), f"{tmp_path}/dev/none")[0] is False
+    with pytest.raises(DeviceError) as e:
+        c.check_path_access(Caller(), "relative")
+    assert e.value.kind == "InvalidArgument"
+    assert c.check_path_access(Caller(), path)[0] is True
+
+
+def test_decisions_are_remembered_only_while_nothing_they_read_can_change(tmp_path,
+                                                                           monkeypatch):
+    from broker.devices import chain
+    calls = []
+    real = chain.decide
+    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
+                        real(rules, dev))
+    hid = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    for _ in range(3):
+        assert c.check_path_access(Caller(), hid)[0]
+    assert len(calls) == 1                                 # remembered
+    os.chown(hid, 0, PLUGDEV)                              # the node's group: a new key
+    assert c.check_path_access(Caller(), hid)[0] and len(calls) == 2
+    # udev's database entry goes away: "initialized" is part of the key
+    from udev_tree import UdevTree
+    db = UdevTree(tmp_path).udev_data / "c1:5"
+    os.rename(db, f"{db}.gone")
+    assert not c.check_path_access(Caller(), hid)[0] and len(calls) == 3
+    os.rename(f"{db}.gone", db)
+    # the device goes and comes back (a new sysfs directory): decided afresh
+    sysdir = os.path.realpath(tmp_path / "sys/dev/char/1:5")
+    os.rename(sysdir, sysdir + ".old")
+    import shutil
+    shutil.copytree(sysdir + ".old", sysdir, symlinks=True)
+    assert c.check_path_access(Caller(), hid)[0] and len(calls) == 4
+
+
+def test_usb_decisions_read_the_interfaces_every_time(tmp_path):
+    usb = make(tmp_path, "bus/usb/001/005")               # usbhid on 1.0, 1.1 free
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), usb)[0]           # lockdown: allowed
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-4:1.1"
+    os.symlink("../../../../../../bus/usb/drivers/cdc_acm", f"{iface}/driver")
+    with pytest.raises(DeviceError, match="deny_claimed_usb"):
+        c.open_path(Caller(), usb)                         # now every interface is claimed

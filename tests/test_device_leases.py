@@ -1,0 +1,215 @@
+"""ChownDevice leases and their journal (broker/devices/leases.py), on real
+nodes in a temporary dev root."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import struct
+
+import pytest
+
+from broker.devices import leases as leases_mod
+from broker.devices import safe_open
+from broker.devices.errors import DeviceError
+from broker.devices.leases import LeaseManager
+from udev_tree import make_node
+
+UID = 4321
+
+
+def acl(*entries) -> bytes:
+    """system.posix_acl_access: version 2, then (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for t, p, i in entries)
+
+
+NOID = 0xFFFFFFFF
+BASE_ACL = [(0x01, 6, NOID), (0x04, 6, NOID), (0x20, 0, NOID)]
+
+
+@pytest.fixture
+def env(tmp_path):
+    dev = tmp_path / "dev"
+    make_node(dev, "a", "c", 1, 3, mode=0o660, gid=46)
+    make_node(dev, "b", "c", 1, 5, mode=0o640, gid=0)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    return dev, state / "leases.journal"
+
+
+def node(dev, name):
+    return safe_open.open_node(str(dev), f"{dev}/{name}")
+
+
+def owner(p):
+    st = os.stat(p)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def test_take_journals_and_fsyncs_before_anything_changes(env, monkeypatch):
+    dev, journal = env
+    events = []
+    real = {n: getattr(os, n) for n in ("fsync", "chmod", "chown")}
+
+    def spy(name):
+        def call(*a, **kw):
+            if name != "fsync":
+                # the original is on disk before the node changes
+                recs = [json.loads(x) for x in journal.read_text().splitlines()]
+                assert recs[-1]["op"] == "take" and recs[-1]["uid"] == 0
+                assert recs[-1]["gid"] == 46 and recs[-1]["mode"] == 0o660
+            events.append(name)
+            return real[name](*a, **kw)
+        return call
+
+    for n in real:
+        monkeypatch.setattr(os, n, spy(n))
+    lm = LeaseManager(str(journal))
+    lease = lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    monkeypatch.undo()
+    assert events.index("fsync") < events.index("chmod") < events.index("chown")
+    assert owner(dev / "a") == (UID, 46, 0o600)
+    assert stat.S_IMODE(os.stat(journal).st_mode) == 0o600
+    lm.release(":1.1", lease.lease_id)
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert journal.read_text() == ""                      # nothing pending: emptied
+
+
+def test_one_lease_per_node_and_per_uid_limit(env):
+    dev, journal = env
+    os.link(dev / "a", dev / "a-hardlink")
+    lm = LeaseManager(str(journal), max_per_uid=1)
+    lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    for who, path in ((":1.2", "a"), (":1.1", "a"), (":1.2", "a-hardlink")):
+        with pytest.raises(DeviceError) as e:
+            lm.take(who, UID + 1, f"{dev}/{path}", node(dev, path), 0o600)
+        assert e.value.kind == "Busy"
+        assert ":1.1" not in str(e.value) and str(UID) not in str(e.value)
+    with pytest.raises(DeviceError) as e:
+        lm.take(":1.1", UID, f"{dev}/b", node(dev, "b"), 0o600)
+    assert e.value.kind == "LimitExceeded"
+    assert owner(dev / "b") == (0, 0, 0o640)
+
+
+def test_only_the_holding_connection_releases(env):
+    dev, journal = env
+    lm = LeaseManager(str(journal))
+    lease = lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    for who, lid in ((":1.2", lease.lease_id), (":1.1", "nope")):
+        with pytest.raises(DeviceError) as e:
+            lm.release(who, lid)
+        assert e.value.kind == "NotFound"
+    assert owner(dev / "a") == (UID, 46, 0o600)
+    lm.caller_gone(":1.1")
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert lm.by_id == {} and lm.by_node == {}
+
+
+def test_replay_after_a_crash_restores(env):
+    dev, journal = env
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    LeaseManager(str(journal)).take(":1.2", UID, f"{dev}/b", node(dev, "b"), 0o606)
+    assert owner(dev / "a")[0] == owner(dev / "b")[0] == UID
+    with open(journal, "ab") as f:
+        f.write(b'{"op":"take","id":"torn","ro')            # a write the crash cut off
+    lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660) and owner(dev / "b") == (0, 0, 0o640)
+    assert len(lines) == 2 and all("restored" in x for x in lines)
+    assert journal.read_text() == ""
+    assert LeaseManager(str(journal)).replay() == []
+
+
+@pytest.mark.parametrize("use_openat2", [True, False])
+def test_replay_leaves_a_recreated_or_vanished_node_alone(env, use_openat2):
+    dev, journal = env
+    lm = LeaseManager(str(journal))
+    lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    lm.take(":1.1", UID, f"{dev}/b", node(dev, "b"), 0o600)
+    os.unlink(dev / "a")
+    make_node(dev, "a", "c", 1, 3, mode=0o666, uid=UID)       # udev made a new one
+    os.unlink(dev / "b")
+    lines = LeaseManager(str(journal)).replay(use_openat2)
+    assert owner(dev / "a") == (UID, 0, 0o666)
+    assert "different node" in lines[0] and "gone" in lines[1]
+    assert journal.read_text() == ""
+
+
+def test_replay_never_follows_a_symlink_put_in_the_nodes_place(env, tmp_path):
+    dev, journal = env
+    make_node(tmp_path, "victim", "c", 1, 3, mode=0o600)
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    os.unlink(dev / "a")
+    (dev / "a").symlink_to(tmp_path / "victim")
+    LeaseManager(str(journal)).replay()
+    assert owner(tmp_path / "victim") == (0, 0, 0o600)
+
+
+def test_the_acl_is_restored_and_one_the_holder_added_removed(env):
+    dev, journal = env
+    p = dev / "b"
+    original = acl(*BASE_ACL[:1], (0x02, 6, 1000), *BASE_ACL[1:2], (0x10, 6, NOID),
+                   BASE_ACL[2])
+    try:
+        os.setxattr(p, leases_mod.ACL_XATTR, original)
+    except OSError as e:
+        pytest.skip(f"no POSIX ACLs here: {e}")
+    before = owner(p)
+    lm = LeaseManager(str(journal))
+    lease = lm.take(":1.1", UID, str(p), node(dev, "b"), 0o600)
+    # the holder owns the node now: it may change the ACL, e.g. grant uid 2000
+    os.setxattr(p, leases_mod.ACL_XATTR, acl(*BASE_ACL[:1], (0x02, 6, 2000),
+                                               *BASE_ACL[1:2], (0x10, 6, NOID), BASE_ACL[2]))
+    lm.release(":1.1", lease.lease_id)
+    assert os.getxattr(p, leases_mod.ACL_XATTR) == original and owner(p) == before
+    # a node without an ACL gets none back
+    q = dev / "a"
+    lease = lm.take(":1.1", UID, str(q), node(dev, "a"), 0o600)
+    os.setxattr(q, leases_mod.ACL_XATTR, acl(*BASE_ACL[:1], (0x02, 6, 2000), *BASE_ACL[1:2],
+                                               (0x10, 6, NOID), BASE_ACL[2]))
+    lm.release(":1.1", lease.lease_id)
+    with pytest.raises(OSError):
+        os.getxattr(q, leases_mod.ACL_XATTR)
+    assert owner(q) == (0, 46, 0o660)
+
+
+def test_a_journal_others_could_write_is_refused(env):
+    dev, journal = env
+    os.chmod(journal.parent, 0o777)
+    with pytest.raises(DeviceError) as e:
+        LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    assert e.value.kind == "Failed" and "nothing was changed" in str(e.value)
+    assert owner(dev / "a") == (0, 46, 0o660)
+    os.chmod(journal.parent, 0o700)
+    journal.write_text(json.dumps({"op": "take", "id": "x", "root": str(dev), "rel": "a",
+                                   "dev": 0, "ino": 0, "rdev": 0, "uid": UID, "gid": 0,
+                                   "mode": 0o666}) + "\n")
+    os.chmod(journal, 0o666)                   # a forged take must not be replayed
+    assert LeaseManager(str(journal)).replay() == []
+    assert owner(dev / "a") == (0, 46, 0o660)
+
+
+def test_the_lease_timeout(env):
+    dev, journal = env
+
+    async def scenario():
+        lm = LeaseManager(str(journal), timeout_s=0.05)
+        lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+        assert owner(dev / "a")[0] == UID
+        await asyncio.sleep(0.3)
+        return lm
+
+    lm = asyncio.run(scenario())
+    assert owner(dev / "a") == (0, 46, 0o660) and lm.by_id == {}
+
+
+def test_the_journal_stays_small(env):
+    dev, journal = env
+    lm = LeaseManager(str(journal))
+    held = lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    for _ in range(leases_mod.COMPACT_AFTER + 10):
+        lease = lm.take(":1.2", UID, f"{dev}/b", node(dev, "b"), 0o600)
+        lm.release(":1.2", lease.lease_id)
+    recs = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert len(recs) < 30
+    assert [r["id"] for r in leases_mod.pending(recs)] == [held.lease_id]
