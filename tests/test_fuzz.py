@@ -14,8 +14,10 @@ bpf_interp.run) and must return what compiler.evaluate reads from the policy.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -89,6 +91,7 @@ def _policy_file(text: str) -> str:
 
 
 _TMP = tempfile.mkdtemp(prefix="privbroker-fuzz-")
+atexit.register(shutil.rmtree, _TMP, True)
 
 
 def _parse_or_policy_error(text: str):

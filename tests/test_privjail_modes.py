@@ -121,6 +121,10 @@ def test_the_whole_corpus_dry_runs_or_is_refused_by_name():
 # -- privbroker explain ------------------------------------------------------------------
 
 def test_privbroker_explain_profiles():
+    # The sample policy names group privbroker; test_install's package purge
+    # removes the privbroker user, and with it a group of that name.
+    from dbus_fixture import ensure_group
+    ensure_group("privbroker")
     cmd = [sys.executable, "-m", "client.cli", "explain", "--config",
            str(ROOT / "examples" / "broker.toml")]
     ok = subprocess.run([*cmd, "filtered", "--uid", "1000", "--json"], cwd=ROOT,
