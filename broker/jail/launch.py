@@ -268,8 +268,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
     if pid_a == 0:
         ours.close()
         os.close(status_r)
-        ctx = _Ctx(spec, theirs, status_w, fds, seccomp)
-        ctx.mount_ns_fd = mount_ns
+        ctx = _Ctx(spec, theirs, status_w, fds, seccomp, mount_ns)
         ctx.await_cgroup = cgroups.wants_cgroup(spec)
         _run_child_a(ctx, in_pid_ns=direct)  # never returns
     theirs.close()
@@ -485,12 +484,12 @@ def _remove_quietly(path: str) -> None:
 class _Ctx:
     """What the child steps share: the spec, the control socket, the fds."""
 
-    def __init__(self, spec, sock, status_fd, fds, seccomp=None):
+    def __init__(self, spec, sock, status_fd, fds, seccomp=None, mount_ns_fd=None):
         self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
         self.step = "namespaces"
         self.ruleset = None       # the Landlock ruleset, built in the jail's view
         self.seccomp: PreparedFilter | None = seccomp   # compiled by L, loaded by C
-        self.mount_ns_fd: int | None = None   # -V: opened by L, joined by A
+        self.mount_ns_fd: int | None = mount_ns_fd   # -V: opened by L, joined by A
         self.await_cgroup = False  # A waits until L has put it in the jail's cgroup
 
 
