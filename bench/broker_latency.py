@@ -7,6 +7,11 @@
              ipc, uts namespaces, no_new_privs, minimalistic mounts)
   bwrap      bwrap --unshare-all --ro-bind / / /bin/true, run in a loop
   noop       a ListJails round trip on the same bus (the floor of any call)
+  engine     the same jail (the minimal profile as the broker forces it, with
+             its own cgroup) started by broker.jail.launch.launch() in this
+             process and waited for: no D-Bus, no front, no launcher hop (this
+             process holds dbus-fast and asyncio, more than the launcher does,
+             and a bigger process forks slower: the engine's share, not a floor)
 Also launches per second, with 8 launches in flight.  Prints figures and
 ratios; asserts nothing.
 """
@@ -34,8 +39,9 @@ def pct(samples, p):
 async def measure(address: str, runs: int) -> dict:
     from client import AsyncBroker
     b = await AsyncBroker(address).connect()
-    out = {"broker": [], "noop": [], "bwrap": []}
+    out = {"broker": [], "noop": [], "bwrap": [], "engine": []}
     bwrap = shutil.which("bwrap")
+    engine = _engine_launcher()
     try:
         for _ in range(10):                                   # warm up
             jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
@@ -48,6 +54,9 @@ async def measure(address: str, runs: int) -> dict:
             t = time.perf_counter()
             await b.list_jails()
             out["noop"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            engine()
+            out["engine"].append(time.perf_counter() - t)
             if bwrap:
                 t = time.perf_counter()
                 subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
@@ -62,6 +71,27 @@ async def measure(address: str, runs: int) -> dict:
     finally:
         b.close()
     return out
+
+
+def _engine_launcher():
+    """A function that starts the broker's minimal jail in this process
+    and waits for it (the engine's share of a broker launch)."""
+    from dataclasses import replace
+
+    from broker.envelope import BROKER_FORCED
+    from broker.jail import config
+    from broker.jail.launch import launch
+    spec = config.parse_command_line(["--config", str(ROOT / "examples" / "profiles" /
+                                                      "minimal.conf"), "--", "/bin/true"])
+    spec = replace(spec, argv=("/bin/true",), uid=os.getuid(), gid=os.getgid(),
+                   **BROKER_FORCED)
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+
+    def run() -> None:
+        jail = launch(spec, {0: null, 1: null, 2: null})
+        status = jail.wait()
+        assert status.code == 0 and jail.leftover is None, status
+    return run
 
 
 def main() -> None:
@@ -91,9 +121,10 @@ def main() -> None:
             broker.terminate()
             broker.wait()
             shutil.rmtree(deploy, ignore_errors=True)
-    print(f"/bin/true, {args.runs} interleaved runs, {os.cpu_count()} cpus")
+    print(f"/bin/true, {args.runs} interleaved runs, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.2f} (other work on this machine shows here)")
     bw = statistics.median(r["bwrap"]) if r["bwrap"] else None
-    for name in ("bwrap", "broker", "noop"):
+    for name in ("bwrap", "broker", "engine", "noop"):
         if not r[name]:
             continue
         line = f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p99 {pct(r[name], 99):7.2f} ms"

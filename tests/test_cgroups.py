@@ -612,3 +612,72 @@ def test_enter_leaf_moves_a_daemon_below_its_delegated_cgroup():
         for d in (os.path.join(delegated, "privbrokerd"), delegated):
             if os.path.isdir(d):
                 os.rmdir(d)
+
+
+@pytest.mark.parametrize("system", _versions())
+def test_members_of_a_cgroup_below_the_jails_are_found_and_killed(system):
+    """A process in a cgroup made below the jail's is still the jail's: seen
+    by pids() and empty() (which skip listing a leaf directory), killed by
+    destroy(), and both directories go."""
+    cg = system.create(f"pbt-{os.getpid()}-nest", Limits())
+    top = cg.dirs[cg._procs_hierarchy]
+    below = os.path.join(top, "inner")
+    os.mkdir(below)
+    try:
+        fd = os.open(f"{below}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            p = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: cgroups.join([fd]))
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 5
+        while p.pid not in cg.pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.pid in cg.pids() and not cg.empty()
+        assert cg.destroy() is True
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        assert not os.path.exists(below) and not os.path.exists(top)
+    finally:
+        if os.path.isdir(below):
+            os.rmdir(below)
+        cg.destroy()
+    assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+@pytest.mark.parametrize("system", _versions())
+def test_a_cgroup_whose_processes_are_gone_is_removed_at_once(system):
+    cg = system.create(f"pbt-{os.getpid()}-gone", Limits())
+    spawn_in(cg, "/bin/true").wait(timeout=10)
+    assert cg.empty()
+    assert cg.destroy(timeout=0) is True           # no kill-all, no waiting
+    assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+def test_the_remembered_probe_follows_a_change_of_mount_table():
+    """System.current() is probe() remembered; once the mount table reads
+    differently (here: the pids hierarchy unmounted in a private mount
+    namespace) it probes again."""
+    from broker.jail import syscalls as sc
+    h = SYSTEM.hierarchy("pids")
+    if h is None:
+        pytest.skip("no pids hierarchy")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            first = System.current()
+            same = System.current() is first and first == System.probe()
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            sc.umount2(h.mountpoint, sc.MNT_DETACH)
+            after = System.current()
+            os.write(w, json.dumps([same, first.hierarchy("pids") is not None,
+                                    after.hierarchy("pids") is None]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        assert json.loads(f.read()) == [True, True, True] and status == 0

@@ -73,6 +73,8 @@ V1_DEFAULT_SHARES = 1024        # cpu.shares for weight 100 (v2's default weight
 
 KILL_TIMEOUT = 5.0              # seconds kill_all/remove wait for the cgroup to empty
 
+_current: "tuple[tuple[str, str], System] | None" = None   # System.current()'s memo
+
 
 class CgroupError(Exception):
     """A cgroup step failed: `step` (create, limits, join, kill, remove, ...),
@@ -251,6 +253,21 @@ class System:
         if v2:
             return cls(V2, v2)
         return cls(V1, v1) if v1 else cls(None, ())
+
+    @classmethod
+    def current(cls) -> "System":
+        """probe(), remembered for as long as this process's mount table and
+        cgroup membership read the same: a launcher asks once per jail, and
+        reading those two files is a fraction of parsing them (and of the
+        further reads a probe makes).  Any change to either probes afresh."""
+        global _current
+        try:
+            key = (_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+        except OSError:
+            return cls.probe()
+        if _current is None or _current[0] != key:
+            _current = (key, cls.probe())
+        return _current[1]
 
     def hierarchy(self, controller: str) -> Hierarchy | None:
         if self.version == V2:
@@ -500,6 +517,13 @@ class Cgroup:
         """The procs hierarchy's directory and every cgroup below it (a jail
         with the rights may make its own), deepest first."""
         top = self.dirs[self._procs_hierarchy]
+        try:
+            # cgroupfs counts a directory's links as 2 + its subdirectories:
+            # 2 is a leaf, and needs no listing of its couple of dozen files.
+            if os.stat(top).st_nlink <= 2:
+                return [top]
+        except OSError:
+            return [top]
         return [d for d, _, _ in os.walk(top, topdown=False)] or [top]
 
     def pids(self) -> list[int]:
@@ -665,7 +689,8 @@ class Cgroup:
         processes that are still exiting."""
         deadline = time.monotonic() + timeout
         pause = 0.0005
-        while True:
+        self._rmdir_tops()
+        while self.made:
             busy = False
             for top in list(self.made):
                 for d, _, _ in os.walk(top, topdown=False):
@@ -685,11 +710,34 @@ class Cgroup:
                 return False
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
+        return True
+
+    def _rmdir_tops(self) -> None:
+        """The common case, first: each directory empty of processes and
+        with no cgroup below it, so one rmdir apiece removes it (no listing).
+        What that does not remove (EBUSY, anything else) is left for the
+        walk in remove(), which decides about it."""
+        for top in list(self.made):
+            try:
+                os.rmdir(top)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self.made.remove(top)
 
     def destroy(self, timeout: float = KILL_TIMEOUT) -> bool:
-        """kill_all, then remove: nothing of the jail is left when True."""
+        """kill_all, then remove: nothing of the jail is left when True.
+
+        A cgroup already empty needs no kill-all: no process is in it to
+        fork or be signalled, and only a member's fork (or a write to its
+        cgroup.procs, which takes root on the host) could put one there.
+        That is how a jail with a pid namespace ends (its init's exit took
+        everything in the namespace), and skipping the freeze/thaw keeps
+        the kernel's freezer off the exit path."""
         deadline = time.monotonic() + timeout
-        self.kill_all(timeout)
+        if not self.empty():
+            self.kill_all(timeout)
         return self.remove(max(0.0, deadline - time.monotonic()))
 
 

@@ -38,6 +38,7 @@ import select
 import signal
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 import prctl
@@ -69,7 +70,6 @@ _MSG_USERNS = b"U"    # A -> L: user ns unshared, write my maps
 _MSG_MAPPED = b"M"    # L -> A: maps written
 _MSG_PID = b"P"       # A -> L: the jail's top pid (in L's pid ns)
 _MSG_GO = b"G"        # L -> B: you are mine now; build the jail
-_MSG_CGROUP = b"C"    # L -> A: you are in the jail's cgroup now; go on
 _MSG_ERROR = b"E"     # any -> L: a step failed (JSON payload)
 
 
@@ -250,34 +250,47 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
 
     A jail with limits (or own_cgroup) gets its own cgroup, named
     `cgroup_name` (default privjail-PID-RANDOM), under spec.cgroup_parent,
-    else `cgroup_parent`, else our own cgroup.  Its first process waits,
-    before it does anything, until L has made the cgroup and moved it in.
+    else `cgroup_parent`, else our own cgroup.  L makes it before forking
+    and its first process joins it before it does anything else.
     """
     validate(spec)
     seccomp = seccomp_filter(spec)   # a policy that cannot compile: refused before any fork
     mount_ns = _open_mount_ns(spec)  # likewise a -V file that cannot be opened
     prctl.set_child_subreaper(1)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    status_r, status_w = os.pipe()
+    sc.last_cap()                    # cached here once, so no jail's child reads /proc for it
+    cgroup = top = ours = theirs = None
+    join_fds: list[int] = []
+    status_r = status_w = -1
+    try:
+        cgroup, join_fds = _make_cgroup(spec, cgroup_name, cgroup_parent)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        status_r, status_w = os.pipe()
+    except BaseException as e:
+        for sock in (ours, theirs):
+            if sock is not None:
+                sock.close()
+        _close_all(join_fds, [status_r, status_w, mount_ns])
+        if cgroup is not None:
+            _drop_cgroup(cgroup, e)
+        raise
     # Without a user namespace, L can fork the jail's pid 1 itself (one fork
     # fewer): the pid namespace must then be made by L, for its next child
     # only, and L's own is restored at once.  With one, the pid namespace
     # must belong to the new user namespace, so A makes both.
     direct = spec.has("pid") and not spec.has("user")
-    pid_a = _fork_into_new_pid_ns() if direct else os.fork()
-    if pid_a == 0:
-        ours.close()
-        os.close(status_r)
-        ctx = _Ctx(spec, theirs, status_w, fds, seccomp, mount_ns)
-        ctx.await_cgroup = cgroups.wants_cgroup(spec)
-        _run_child_a(ctx, in_pid_ns=direct)  # never returns
-    theirs.close()
-    os.close(status_w)
-    if mount_ns is not None:
-        os.close(mount_ns)
-    top = cgroup = None
+    pid_a = None
     try:
-        cgroup = _make_cgroup(spec, pid_a, ours, cgroup_name, cgroup_parent)
+        pid_a = _fork_into_new_pid_ns() if direct else _fork()
+        if pid_a == 0:
+            try:                        # never unwind into L's stack (nor its except below)
+                ours.close()
+                os.close(status_r)
+                ctx = _Ctx(spec, theirs, status_w, fds, seccomp, mount_ns, join_fds)
+            except BaseException:
+                os._exit(EXIT_SETUP)
+            _run_child_a(ctx, in_pid_ns=direct)  # never returns
+        theirs.close()
+        _close_all(join_fds, [status_w, mount_ns])
         top = _drive(spec, ours, pid_a)
         jail = Jail(top, os.pidfd_open(top), status_r, spec.has("pid") and spec.pid_init,
                     cgroup)
@@ -287,7 +300,11 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
         _wait_for_exec(ours)
         return jail
     except BaseException as e:
-        _abort(pid_a, top)
+        if pid_a is None:               # the fork itself failed
+            theirs.close()
+            _close_all(join_fds, [status_w, mount_ns])
+        else:
+            _abort(pid_a, top)
         os.close(status_r)
         if spec.pidfile and top is not None:
             _remove_quietly(spec.pidfile)
@@ -298,30 +315,34 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
         ours.close()
 
 
-def _make_cgroup(spec: JailSpec, pid_a: int, sock: socket.socket, name: str | None,
-                 parent: str | None) -> cgroups.Cgroup | None:
-    """Make the jail's cgroup, move A into it and let A go on.  A waits for
-    this before it does anything at all, so every process of the jail is
-    born inside (and A, our child blocked in recv, cannot be a recycled pid)."""
+def _close_all(fds: list[int], more: list[int | None]) -> None:
+    """Close L's copies of what only a child needs (each at most once)."""
+    for fd in [*fds, *more]:
+        if fd is not None and fd >= 0:
+            os.close(fd)
+    fds.clear()
+
+
+def _make_cgroup(spec: JailSpec, name: str | None,
+                 parent: str | None) -> tuple[cgroups.Cgroup | None, list[int]]:
+    """Make the jail's cgroup, before any fork; return it and its
+    cgroup.procs fds, which A writes itself into first thing (cgroups.join),
+    so every process of the jail is born inside, and no pid is ever named."""
     if not cgroups.wants_cgroup(spec):
-        return None
+        return None, []
     name = name or f"privjail-{os.getpid()}-{os.urandom(3).hex()}"
-    cg = None
     try:
-        cg = cgroups.System.probe().create(name, cgroups.Limits.from_spec(spec),
-                                           spec.cgroup_parent or parent)
-        cg.add(pid_a)
-    except cgroups.CgroupError as e:
-        if cg is not None:
-            try:
-                cg.destroy()        # A may be in some of it already: killed with it
-            except cgroups.CgroupError:
-                pass
+        cg = cgroups.System.current().create(name, cgroups.Limits.from_spec(spec),
+                                             spec.cgroup_parent or parent)
+    except cgroups.CgroupError as e:        # create() left nothing behind
         err = LaunchError("cgroup", e.errno, str(e))
         err.unsupported = isinstance(e, cgroups.Unsupported)
         raise err from None
-    sock.send(_MSG_CGROUP)
-    return cg
+    try:
+        return cg, cg.join_fds()
+    except cgroups.CgroupError as e:
+        cg.remove(timeout=0)                # empty: nothing has joined it yet
+        raise LaunchError("cgroup", e.errno, str(e)) from None
 
 
 def _drop_cgroup(cg: cgroups.Cgroup, exc: BaseException) -> None:
@@ -385,13 +406,41 @@ def _read_bpf_file(path: str) -> bytes:
 BPF_FILE_LIMIT = 4096 * 8      # BPF_MAXINSNS instructions of 8 bytes
 
 
+_ALL_SIGNALS = frozenset(signal.valid_signals())
+
+
+def _fork() -> int:
+    """fork(); in a single-threaded process, without the interpreter's
+    at-fork work.
+
+    os.fork() runs every os.register_at_fork hook (threading's, logging's,
+    random's, ...) and rebuilds the thread states in the child.  In the
+    broker's launcher that costs about 0.6 ms per fork, nearly all of it
+    copy-on-write page faults, and a launch forks twice on its critical
+    path.  That work repairs what *other* threads held at the fork; a
+    process with one thread has nothing to repair, so its child may go on
+    exactly as the parent was.  What remains is a signal whose Python
+    handler is pending at the fork: it would run in the child as well.  So
+    every signal is blocked across the fork (a handler already pending
+    runs in the parent when pthread_sigmask returns, before the fork), and
+    both processes then restore the mask.  With more than one thread:
+    os.fork(), as before."""
+    if threading.active_count() != 1:
+        return os.fork()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    try:
+        return sc.fork_bare()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _fork_into_new_pid_ns() -> int:
     own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         sc.unshare(sc.CLONE_NEWPID)
         pid = -1
         try:
-            pid = os.fork()
+            pid = _fork()
         finally:
             if pid != 0:                   # the parent (or a failed fork): back home
                 sc.setns(own, sc.CLONE_NEWPID)
@@ -484,13 +533,14 @@ def _remove_quietly(path: str) -> None:
 class _Ctx:
     """What the child steps share: the spec, the control socket, the fds."""
 
-    def __init__(self, spec, sock, status_fd, fds, seccomp=None, mount_ns_fd=None):
+    def __init__(self, spec, sock, status_fd, fds, seccomp=None, mount_ns_fd=None,
+                 cgroup_fds=()):
         self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
         self.step = "namespaces"
         self.ruleset = None       # the Landlock ruleset, built in the jail's view
         self.seccomp: PreparedFilter | None = seccomp   # compiled by L, loaded by C
         self.mount_ns_fd: int | None = mount_ns_fd   # -V: opened by L, joined by A
-        self.await_cgroup = False  # A waits until L has put it in the jail's cgroup
+        self.cgroup_fds = list(cgroup_fds)   # the jail cgroup's cgroup.procs: A joins first
 
 
 def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
@@ -510,10 +560,13 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
     spec, sock = ctx.spec, ctx.sock
     try:
         prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
-        if ctx.await_cgroup:                  # before anything: all of the jail is in it
+        if ctx.cgroup_fds:                    # before anything: all of the jail is in it
             ctx.step = "cgroup"
-            if sock.recv(16) != _MSG_CGROUP:
-                os._exit(EXIT_SETUP)          # L gave up on us
+            fds, ctx.cgroup_fds = ctx.cgroup_fds, []
+            try:
+                cgroups.join(fds)             # and closes them
+            except OSError as e:
+                raise OSError(e.errno, f"cannot join the jail's cgroup: {e.strerror}") from None
             ctx.step = "namespaces"
         if ctx.mount_ns_fd is not None:       # first: needs the launcher's full privilege
             sc.setns(ctx.mount_ns_fd, sc.CLONE_NEWNS)
@@ -533,7 +586,7 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
             sock.send(_MSG_PID + struct.pack("=i", 0))   # 0: L knows our pid from fork()
             _run_jail(ctx)
         if spec.has("pid"):
-            pid_b = os.fork()   # B: pid 1 of the new pid namespace
+            pid_b = _fork()     # B: pid 1 of the new pid namespace
             if pid_b == 0:
                 _run_jail(ctx)
             sock.send(_MSG_PID + struct.pack("=i", pid_b))
@@ -624,7 +677,7 @@ def _become_init(ctx: _Ctx) -> "NoReturn":  # noqa: F821
     # Block the signals init waits for *before* forking, so none that arrives
     # between the fork and the wait loop is lost; the program unblocks them.
     signal.pthread_sigmask(signal.SIG_BLOCK, set(FORWARDED) | {signal.SIGCHLD})
-    program = os.fork()
+    program = _fork()
     if program == 0:
         _run_program(ctx)
     # The same ids the program takes: an id that cannot be taken is the

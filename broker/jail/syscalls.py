@@ -88,6 +88,20 @@ def _b(s: str | None) -> bytes | None:
     return None if s is None else os.fsencode(s)
 
 
+# Called with the GIL held (PyDLL): the child must start with the
+# interpreter exactly as the parent had it, mid-call, GIL taken.
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
+_libc_gil.fork.restype = ctypes.c_int
+_libc_gil.fork.argtypes = ()
+
+
+def fork_bare() -> int:
+    """libc fork() without the interpreter's at-fork work (os.register_at_fork
+    hooks, thread-state cleanup).  Only for a single-threaded caller with
+    its signals blocked: launch._fork decides when it is safe."""
+    return _check(_libc_gil.fork(), "fork")
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
@@ -123,12 +137,15 @@ class _CapData(ctypes.Structure):
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# The array type made once here: ctypes builds a new class for `_CapData * 2`
+# the first time it is asked, which would be in every jail's child.
+_CapData2 = _CapData * 2
 
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of the calling thread, as 64-bit masks."""
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    data = _CapData2()
     _check(_libc.syscall(SYS_capget, ctypes.byref(hdr), data), "capget")
     join = lambda f: getattr(data[0], f) | (getattr(data[1], f) << 32)  # noqa: E731
     return join("effective"), join("permitted"), join("inheritable")
@@ -137,7 +154,7 @@ def capget() -> tuple[int, int, int]:
 def capset(effective: int, permitted: int, inheritable: int) -> None:
     """Set the calling thread's three capability sets to exactly these masks."""
     hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
+    data = _CapData2()
     for i, shift in enumerate((0, 32)):
         data[i].effective = (effective >> shift) & 0xFFFFFFFF
         data[i].permitted = (permitted >> shift) & 0xFFFFFFFF
@@ -161,8 +178,16 @@ def set_securebits(bits: int) -> None:
 
 
 def last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
+    """The highest capability number this kernel knows (a constant of the
+    running kernel: read once, in the launcher, not in every jail)."""
+    global _last_cap
+    if _last_cap is None:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            _last_cap = int(f.read())
+    return _last_cap
+
+
+_last_cap: int | None = None
 
 
 # -- keyctl(2) -----------------------------------------------------------------
