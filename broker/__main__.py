@@ -2,10 +2,24 @@
 
     privbrokerd [--bus-address ADDR] [--config FILE] [--log-level LEVEL]
                 [--log-target auto|journal|stderr] [--launcher-mount-namespace NSFILE]
+                [--user NAME]
 
-The launcher (a zygote that forks jails) is started first, before any bus
-connection exists; then the front connects, owns org.privbroker.Broker1 and
-serves it until the bus or the launcher goes away.
+Two processes (DESIGN.md, "Privilege separation"):
+
+  the launcher  this process, root: it reads the policy, replays the device
+                lease journal, forks the front, and from then on only
+                serves the front's fixed-shape requests (broker/wire.py):
+                launch a spec inside the policy's envelope, signal a jail,
+                mount a daemon store, open a caller's pidfd;
+  the front     its child, pid 1 of a new pid namespace, in its own mount
+                namespace, confined (broker/front.py) to the user `privbroker`
+                with three capabilities, no_new_privs, seccomp and Landlock
+                before it connects to the bus; it owns org.privbroker.Broker1,
+                parses everything callers send and decides by the policy.
+
+Each ends when the other does: the front when the launcher's socket closes,
+the launcher (killing the jails) when the front's does; systemd restarts
+the unit (Restart=on-failure) and the lease journal restores devices.
 """
 from __future__ import annotations
 
@@ -14,7 +28,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+
+import prctl
 
 log = logging.getLogger("privbrokerd")
 
@@ -74,6 +91,7 @@ async def serve(args, pol, launcher_sock, devices=None) -> int:
         jail.owner, jail.jail_id, code, sig, oom)
     core.launcher = stores.launcher = LauncherClient(
         launcher_sock, core.exited, on_lost=lambda: stop("the launcher exited"))
+    service.callers.open_pidfd = core.launcher.pidfd    # the bus's pids are not ours
     bus.add_message_handler(service.handle)
     # An orderly stop (systemctl stop: SIGTERM) ends device leases in main();
     # only a crash leaves them to the journal.
@@ -127,10 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-target", default="auto", choices=["auto", "journal", "stderr"],
                     help="auto: the journal (/dev/log) when systemd started us, else stderr")
     ap.add_argument("--launcher-mount-namespace", metavar="NSFILE",
-                    help="fork the launcher in this mount namespace (the unit: "
+                    help="the launcher serves in this mount namespace (the unit: "
                          "/proc/1/ns/mnt); see broker/hostns.py")
+    ap.add_argument("--user", default="privbroker",
+                    help="the front's user (default: privbroker); never root")
     args = ap.parse_args(argv)
-    from . import hostns, launcher, logs, policy
+    from . import front, hostns, launcher, logs, policy
+    from .envelope import Envelope
     logs.setup(args.log_level, args.log_target)
     host_ns = None
     if args.launcher_mount_namespace:
@@ -140,34 +161,94 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             return 2
     # Its only use was that open(): from here on nothing in the broker, and
-    # no jail (the launcher is forked below), holds CAP_SYS_PTRACE.
+    # no jail, holds CAP_SYS_PTRACE.
     hostns.drop_ptrace()
     try:
         pol = policy.load(args.config)   # refuse a broken policy before forking anything
-    except policy.PolicyError as e:
+        user = front.FrontUser.lookup(args.user)
+    except (policy.PolicyError, front.ConfinementError) as e:
         log.error("%s", e)
         return 2
     with hostns.entered(host_ns):       # the host's mount table, not our view
         init_daemon_stores(pol.daemon_store.layout)
     from .devices.core import DeviceCore
+    from .devices.leases import JournalError
     devices = DeviceCore(pol.devices, pol)
+    try:
+        devices.leases.journal.hand_to(user.uid, user.gid)   # the front writes it
+    except JournalError as e:
+        log.error("device lease journal: %s", e)
+        return 2
     devices.replay()    # nodes a crashed run left leased, restored before anyone can ask
-    # before any bus connection or thread exists; in the host's mount
-    # namespace for good, with the umask jails get (the unit's 0077 is ours)
-    with hostns.entered(host_ns):
-        umask = os.umask(JAIL_UMASK)
+    envelope = Envelope(pol)            # what the launcher will start: read now, as root
+    cgroup_parent = launcher.claim_cgroup()
+    front_sock, launcher_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    front_pid = _fork_front()
+    if front_pid == 0:
+        code = 1
         try:
-            launcher_pid, sock = launcher.start(pol.daemon_store.layout)
+            launcher_sock.close()
+            if host_ns is not None:
+                os.close(host_ns)
+            code = run_front(args, pol, front_sock, user, devices)
+        except Exception:
+            log.exception("the front failed")
         finally:
-            os.umask(umask)
+            logging.shutdown()
+            os._exit(code)
+    front_sock.close()
+    # This process is the launcher from here on: single-threaded, no bus
+    # connection; in the host's mount namespace for good, with the umask
+    # jails get (the unit's 0077 is the front's).
+    prctl.set_name("pb-launcher")
     if host_ns is not None:
+        hostns.enter(host_ns)
         os.close(host_ns)
+    os.umask(JAIL_UMASK)
+    return launcher.run(launcher_sock, envelope, pol.daemon_store.layout, front_pid,
+                        cgroup_parent)
+
+
+def _fork_front() -> int:
+    """fork() into a new pid namespace, as its pid 1; the parent's own
+    children (jails) are forked in its pid namespace as before."""
+    from .jail import syscalls as sc
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sc.unshare(sc.CLONE_NEWPID)
+        pid = os.fork()
+        if pid != 0:
+            sc.setns(own, sc.CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(own)
+
+
+def run_front(args, pol, sock, user, devices) -> int:
+    """The front: its own mount namespace, confined, then the bus."""
+    from . import front
+    from .jail import syscalls as sc
+    prctl.set_name("pb-front")
+    # Its own mount namespace, a slave of ours: what the front sees cannot
+    # be changed from inside, and nothing it does reaches anyone.
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    paths = front.Paths(config=args.config, profiles_dir=pol.profiles_dir,
+                        dev_root=pol.devices.dev_root, sysfs=pol.devices.sysfs,
+                        udev_data=pol.devices.udev_data,
+                        journal_dir=os.path.dirname(os.path.abspath(pol.devices.journal)),
+                        extra_read=[pol.daemon_store.layout.templates_dir])
+    try:
+        facts = front.confine(user, paths, abstract_bus="abstract=" in (args.bus_address or ""))
+    except front.ConfinementError as e:
+        log.error("%s", e)
+        return 2
+    log.info("%s", front.describe(facts))
     try:
         return asyncio.run(serve(args, pol, sock, devices))
     finally:
         devices.close()                 # every live lease ends: originals restored
         sock.close()                    # the launcher ends its jails and exits
-        os.waitpid(launcher_pid, 0)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,19 @@ def _dbus_call(member: str, signature: str = "", body=()) -> Message:
                    signature=signature, body=list(body))
 
 
+async def _pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
 class Callers:
-    def __init__(self, bus):
+    """`open_pidfd(pid)`: how to get a pidfd for a pid the bus reported.  The
+    front lives in a pid namespace of its own, where the bus's pids mean
+    nothing, so privbrokerd passes the launcher's (LauncherClient.pidfd);
+    a process in the bus's pid namespace can use pidfd_open(2) itself."""
+
+    def __init__(self, bus, open_pidfd=_pidfd_open):
         self.bus = bus
+        self.open_pidfd = open_pidfd
         self.cache: dict[str, Caller] = {}
 
     async def identify(self, sender: str) -> Caller:
@@ -69,8 +79,8 @@ class Callers:
 
     async def _pidfd_checked(self, sender: str, pid: int) -> int:
         try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
+            pidfd = await self.open_pidfd(pid)
+        except Exception:
             raise CallerGone(f"{sender}: process {pid} is gone") from None
         again = await self.bus.call(_dbus_call("GetConnectionUnixProcessID", "s", [sender]))
         if again.message_type == MessageType.ERROR or again.body[0] != pid:

@@ -99,3 +99,10 @@ def entered(fd: int | None):
             os.chdir("/")
     finally:
         os.close(own)
+
+
+def enter(fd: int) -> None:
+    """Join the mount namespace `fd` for good (the launcher, in privbrokerd's
+    main process, once the front is forked).  Single-threaded callers only."""
+    sc.setns(fd, sc.CLONE_NEWNS)
+    os.chdir("/")

@@ -16,13 +16,13 @@ BrokerError.  The decisions, in order:
 from __future__ import annotations
 
 import asyncio
-import os
 import pwd
 import resource
 import secrets
 import time
 from dataclasses import dataclass, field, replace
 
+from .envelope import BROKER_FORCED, LOADER_ENV_PREFIX, Profiles, ProfileError
 from .jail import config as jail_config
 from .jail import landlock
 from .jail.exposure import check_forbidden_intersection
@@ -36,7 +36,7 @@ MAX_TOTAL = 1024 * 1024
 MAX_FD_NUMBER = 1023
 # Environment names the dynamic loader acts on: a caller must never be able
 # to point a jailed program at its own code this way.
-FORBIDDEN_ENV_PREFIXES = ("LD_",)
+FORBIDDEN_ENV_PREFIXES = (LOADER_ENV_PREFIX,)
 
 
 class BrokerError(Exception):
@@ -79,7 +79,7 @@ class JailCore:
         self.on_exited = on_exited       # (LiveJail, code, signal, oom) -> None
         self.live: dict[str, LiveJail] = {}
         self.rates: dict[int, _Rate] = {}
-        self._profiles: dict[str, tuple[float, JailSpec]] = {}
+        self.profiles = Profiles(policy.profiles_dir)
         self.landlock_abi = landlock.abi_version()   # 0: Landlock rules would enforce nothing
 
     # -- Launch -----------------------------------------------------------------
@@ -92,14 +92,10 @@ class JailCore:
         base = self.profile_spec(profile)
         spec = apply_options(base, options)
         spec = replace(spec, argv=tuple(argv), uid=uid, gid=primary_gid(uid, caller),
-                       groups=(), env_reset=True, env_add=tuple(env.items()),
-                       detach=False, pidfile=None, die_with_parent=True,
-                       # never the broker's session keyring (possession would
-                       # give a jail whatever keys the broker's session holds)
-                       new_session_keyring=True)
-        # Every broker jail has its own cgroup: Signal and a caller's exit
-        # kill every process in it (kill-all), ListJails reads its accounting.
-        spec = replace(spec, own_cgroup=True)
+                       env_add=tuple(env.items()),
+                       # the same for every broker jail (why: broker/envelope.py),
+                       # and checked again by the launcher
+                       **BROKER_FORCED)
         self._check_exposure(profile, spec)
         jail = LiveJail(secrets.token_hex(8), caller.name, caller.uid, profile, tuple(argv),
                         die_with_caller=bool(options.get("die_with_caller", True)))
@@ -110,8 +106,11 @@ class JailCore:
         from .launcher import LauncherFailed
         try:
             reply = await self.launcher.request(
-                {"op": "launch", "jail": jail.jail_id, "spec": wire.spec_to_wire(spec),
-                 "fd_targets": targets}, [fds[t] for t in targets])
+                {"op": "launch", "jail": jail.jail_id, "profile": profile,
+                 "spec": wire.spec_to_wire(spec), "fd_targets": targets},
+                [fds[t] for t in targets])
+        except wire.WireError as e:     # argv and env within MAX_TOTAL, but JSON-escaped
+            raise invalid(f"the launch request is too large: {e}") from None
         except LauncherFailed as e:
             raise BrokerError(_LAUNCHER_ERRORS.get(e.kind, "Failed"), str(e)) from None
         jail.pid = reply["pid"]
@@ -150,20 +149,10 @@ class JailCore:
 
     def profile_spec(self, name: str) -> JailSpec:
         """The profile's spec, parsed once per version of its file."""
-        path = os.path.join(self.policy.profiles_dir, name + ".conf")
         try:
-            mtime = os.stat(path).st_mtime
-        except FileNotFoundError:
-            raise BrokerError("NotFound", f"no profile {name!r}") from None
-        cached = self._profiles.get(name)
-        if cached and cached[0] == mtime:
-            return cached[1]
-        try:
-            spec = jail_config.parse_command_line(["--config", path, "--", "/bin/true"])
-        except jail_config.ConfigError as e:
-            raise BrokerError("Failed", f"profile {name!r} is broken: {e}") from None
-        self._profiles[name] = (mtime, spec)
-        return spec
+            return self.profiles.spec(name)
+        except ProfileError as e:
+            raise BrokerError("NotFound" if e.missing else "Failed", str(e)) from None
 
     # -- Signal, list, exits ----------------------------------------------------
     def own(self, caller, jail_id: str) -> LiveJail:
@@ -288,7 +277,9 @@ def apply_options(spec: JailSpec, options: dict) -> JailSpec:
 CGROUP_OPTIONS = {"memory_limit": "memory_limit", "pids_limit": "pids_limit",
                   "cpu_weight": "cpu_weight", "cpu_quota": "cpu_quota"}
 CGROUP_LIMITS = ("memory_limit", "pids_limit", "cpu_weight", "cpu_quota")
-_LAUNCHER_ERRORS = {"unsupported": "Unsupported", "invalid": "InvalidArgument"}
+_LAUNCHER_ERRORS = {"unsupported": "Unsupported", "invalid": "InvalidArgument",
+                    # the launcher's envelope (broker/envelope.py) refused the spec
+                    "refused": "AccessDenied"}
 
 
 def _tighter_cgroup_limit(spec: JailSpec, name: str, value) -> int:

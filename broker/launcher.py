@@ -9,6 +9,16 @@ event.  The daemon-store Layout (where templates, run dirs and homes are) is
 given at start-up, before any bus connection exists; a request names only a
 daemon and a user hash, and is re-validated here against that Layout.
 
+A launch is checked twice over before anything is forked: the spec must be
+valid (jail/spec.py validate) and inside the launch envelope
+(broker/envelope.py): what the policy file and the named profile could ever
+produce, read by the launcher itself.  A compromised front gets no further.
+
+privbrokerd runs the launcher in its own main process (`run`), as the parent
+of the front; `start()` forks one as a child instead (tests, benchmarks).
+Either way it ends when the front's end of the socket closes, killing the
+jails no one will hear about, and the front ends when the launcher's does.
+
 The front talks to it with `LauncherClient` (asyncio): requests are matched
 to replies by sequence number, so launches never block the event loop.
 """
@@ -20,9 +30,10 @@ import signal
 import socket
 
 from . import daemon_store, wire
+from .envelope import Envelope, OutsideEnvelope
 from .jail import cgroups
 from .jail.launch import Jail, LaunchError, launch
-from .jail.spec import SpecError, validate
+from .jail.spec import JailSpec, SpecError, validate
 
 _RECV = wire.MAX_MESSAGE + 1
 
@@ -32,9 +43,13 @@ _RECV = wire.MAX_MESSAGE + 1
 # ---------------------------------------------------------------------------
 
 class _Launcher:
-    def __init__(self, sock: socket.socket, layout: daemon_store.Layout | None = None):
+    def __init__(self, sock: socket.socket, envelope: Envelope,
+                 layout: daemon_store.Layout | None = None, front_pid: int | None = None):
         self.sock = sock
+        self.envelope = envelope
         self.layout = layout
+        self.front_pid = front_pid      # privbrokerd: the front is our child
+        self.front_status: int | None = None     # its wait status, once reaped
         self.jails: dict[str, Jail] = {}
         self.cgroup_parent: str | None = None     # where jail cgroups go (None: our own)
         self.leftover_cgroups: list[cgroups.Cgroup] = []   # retried on every reap
@@ -43,22 +58,30 @@ class _Launcher:
         import selectors
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        if self.front_pid is not None:
+            # systemctl stop sends SIGTERM to us (the main process): the
+            # front ends leases in order and closes its socket, and then we
+            # end the jails (shutdown).  Python's handler only wakes the loop.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: None)
         signal.set_wakeup_fd(wake_w)
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "request")
-        sel.register(wake_r, selectors.EVENT_READ, "child")
+        sel.register(wake_r, selectors.EVENT_READ, "signal")
         while True:
             for key, _ in sel.select():
-                if key.data == "child":
-                    while True:
-                        try:
-                            os.read(wake_r, 512)
-                        except BlockingIOError:
-                            break
-                    self.reap()
+                if key.data == "signal":
+                    self.on_signals(_drain(wake_r))
                 elif not self.handle_one():
                     self.shutdown()
                     return
+
+    def on_signals(self, signums: bytes) -> None:
+        if self.front_pid is not None and self.front_status is None:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in signums:
+                    os.kill(self.front_pid, signal.SIGTERM)
+        self.reap()
 
     def handle_one(self) -> bool:
         try:
@@ -90,6 +113,8 @@ class _Launcher:
         op, jail_id = msg.get("op"), msg.get("jail")
         if op == "daemon-store":
             return self.daemon_store(msg, fds)
+        if op == "pidfd":
+            return self.pidfd(msg, fds)
         if not isinstance(jail_id, str) or not wire.JAIL_ID.match(jail_id):
             raise wire.WireError(f"bad jail id {jail_id!r}")
         if op == "launch":
@@ -114,14 +139,15 @@ class _Launcher:
     def launch(self, jail_id: str, msg: dict, fds: list[int]) -> dict:
         if jail_id in self.jails:
             raise wire.WireError(f"jail id {jail_id} is in use")
-        targets = msg.get("fd_targets")
-        if (not isinstance(targets, list) or len(targets) != len(fds)
-                or not all(type(t) is int and 0 <= t < 1024 for t in targets)
-                or len(set(targets)) != len(targets)):
-            raise wire.WireError("fd_targets must list one distinct fd number per fd passed")
-        spec = wire.spec_from_wire(msg.get("spec"))
         try:
-            validate(spec)                  # re-validated here, whoever sent it
+            profile, spec, targets = accept_launch(msg, len(fds), self.envelope)
+        except SpecError as e:
+            return {"ok": False, "error": "invalid", "message": str(e)}
+        except OutsideEnvelope as e:
+            _log(f"refused a launch of profile {msg.get('profile')!r}: {e}")
+            return {"ok": False, "error": "refused",
+                    "message": f"the launcher refused the spec: {e}"}
+        try:
             jail = launch(spec, fds=dict(zip(targets, fds)), cgroup_name=f"privbroker-{jail_id}",
                           cgroup_parent=self.cgroup_parent)
         except SpecError as e:
@@ -131,6 +157,21 @@ class _Launcher:
                     "message": str(e), "step": e.step}
         self.jails[jail_id] = jail
         return {"ok": True, "pid": jail.pid}
+
+    def pidfd(self, msg: dict, fds: list[int]) -> dict:
+        """A pidfd for a caller's pid: the front lives in a pid namespace of
+        its own and cannot open one itself.  It gives its holder what any
+        process of the front's uid could do to that pid anyway (wait for its
+        exit; signal or ptrace only where the uid alone allows it), and the
+        front checks with the bus that the pid is still its caller's."""
+        pid = msg.get("pid")
+        if fds or set(msg) != {"v", "seq", "op", "pid"} or type(pid) is not int or pid <= 0:
+            raise wire.WireError("a pidfd request is exactly {op, pid} with a positive pid")
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError as e:
+            return {"ok": False, "error": "not-found", "message": f"pid {pid}: {e.strerror}"}
+        return {"ok": True, "_fds": [fd]}
 
     def daemon_store(self, msg: dict, fds: list[int]) -> dict:
         if fds:
@@ -151,10 +192,12 @@ class _Launcher:
             try:
                 pid, raw = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            if pid in by_pid:               # anything else was an orphan: just reaped
+                break
+            if pid == self.front_pid:
+                self.front_status = raw     # its socket end is closed: serve() ends
+            elif pid in by_pid:               # anything else was an orphan: just reaped
                 jail_id, jail = by_pid[pid]
                 status = jail.reaped(raw)
                 del self.jails[jail_id]
@@ -176,10 +219,17 @@ class _Launcher:
                 self.leftover_cgroups.remove(cg)
 
     def send(self, msg: dict) -> None:
+        fds = msg.pop("_fds", [])
         try:
-            self.sock.send(wire.encode(msg))
+            if fds:
+                socket.send_fds(self.sock, [wire.encode(msg)], fds)
+            else:
+                self.sock.send(wire.encode(msg))
         except OSError:
             pass                            # the front is gone; serve() notices
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def shutdown(self) -> None:
         # The front is gone: no one will be told about these jails, so end them.
@@ -192,6 +242,38 @@ class _Launcher:
         self.retry_cgroups()
 
 
+def accept_launch(msg: dict, nfds: int, envelope: Envelope) -> tuple[str, "JailSpec", list[int]]:
+    """Everything the launcher checks before it forks a jail, in order: the
+    message's shape (WireError), the spec's own consistency (SpecError), and
+    the envelope (OutsideEnvelope).  Pure: tests/test_fuzz.py feeds it
+    mutated messages."""
+    targets = msg.get("fd_targets")
+    if (not isinstance(targets, list) or len(targets) != nfds
+            or not all(type(t) is int and 0 <= t < 1024 for t in targets)
+            or len(set(targets)) != len(targets)):
+        raise wire.WireError("fd_targets must list one distinct fd number per fd passed")
+    profile = msg.get("profile")
+    if not isinstance(profile, str):
+        raise wire.WireError("a launch names its profile")
+    spec = wire.spec_from_wire(msg.get("spec"))
+    validate(spec)                  # re-validated here, whoever sent it
+    envelope.check(profile, spec)
+    return profile, spec, targets
+
+
+def _drain(fd: int) -> bytes:
+    """Everything in the wakeup pipe: the numbers of the signals received."""
+    got = b""
+    while True:
+        try:
+            chunk = os.read(fd, 512)
+        except BlockingIOError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
 def _log(text: str) -> None:
     # fd 2 itself: sys.stderr may wrap an fd that _keep_only closed.
     try:
@@ -200,17 +282,19 @@ def _log(text: str) -> None:
         pass
 
 
-def start(layout: daemon_store.Layout | None = None) -> tuple[int, socket.socket]:
-    """Fork the launcher; return (its pid, the front's end of the socket).
-    `layout`: where daemon stores are (None: daemon-store requests refused)."""
-    cgroup_parent = _claim_cgroup()
+def start(envelope: Envelope,
+          layout: daemon_store.Layout | None = None) -> tuple[int, socket.socket]:
+    """Fork a launcher as a child; return (its pid, the front's end of the
+    socket).  `layout`: where daemon stores are (None: daemon-store requests
+    refused).  privbrokerd uses `run` instead."""
+    cgroup_parent = claim_cgroup()
     front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         try:
             front.close()
             _keep_only(back.fileno())
-            launcher = _Launcher(back, layout)
+            launcher = _Launcher(back, envelope, layout)
             launcher.cgroup_parent = cgroup_parent
             launcher.serve()
         finally:
@@ -219,7 +303,24 @@ def start(layout: daemon_store.Layout | None = None) -> tuple[int, socket.socket
     return pid, front
 
 
-def _claim_cgroup() -> str | None:
+def run(sock: socket.socket, envelope: Envelope, layout: daemon_store.Layout | None,
+        front_pid: int, cgroup_parent: str | None) -> int:
+    """Serve as the launcher in this process, whose child `front_pid` holds
+    the other end of `sock`, until the front is gone.  The exit status: 0
+    after an orderly stop of the front, 1 otherwise (systemd restarts us)."""
+    _keep_only(sock.fileno())
+    launcher = _Launcher(sock, envelope, layout, front_pid)
+    launcher.cgroup_parent = cgroup_parent
+    launcher.serve()
+    if launcher.front_status is None:
+        _, launcher.front_status = os.waitpid(front_pid, 0)
+    code = os.waitstatus_to_exitcode(launcher.front_status)
+    if code != 0:
+        _log(f"the front exited with status {code}")
+    return 0 if code == 0 else 1
+
+
+def claim_cgroup() -> str | None:
     """On cgroup v2, in a delegated cgroup (systemd Delegate=yes): move the
     broker into a leaf of its cgroup (<own>/privbrokerd), so that <own> may
     enable controllers for the jail cgroups made beside that leaf; returns
@@ -253,7 +354,8 @@ class LauncherFailed(Exception):
 
 class LauncherClient:
     """asyncio client of the launcher.  `on_exit(jail_id, code, signal, oom)` is
-    called for every exit event; `on_lost()` if the launcher goes away."""
+    called for every exit event; `on_lost()` if the launcher goes away.  A
+    reply that carries fds has them as a list under "fds"."""
 
     def __init__(self, sock: socket.socket, on_exit, on_lost=None):
         self.sock = sock
@@ -267,9 +369,9 @@ class LauncherClient:
     async def request(self, msg: dict, fds: list[int] = ()) -> dict:
         self.seq += 1
         seq = self.seq
+        data = wire.encode({**msg, "seq": seq})     # WireError: too large, nothing sent
         fut = self.loop.create_future()
         self.pending[seq] = fut
-        data = wire.encode({**msg, "seq": seq})
         try:
             await self.loop.sock_sendall(self.sock, data) if not fds else \
                 socket.send_fds(self.sock, [data], list(fds))
@@ -281,21 +383,37 @@ class LauncherClient:
             raise LauncherFailed(reply.get("error", "failed"), reply.get("message", ""))
         return reply
 
+    async def pidfd(self, pid: int) -> int:
+        """A pidfd for `pid` in the launcher's (the host's) pid namespace."""
+        reply = await self.request({"op": "pidfd", "pid": pid})
+        fds = reply.get("fds", [])
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise LauncherFailed("failed", "the launcher sent no pidfd")
+        return fds[0]
+
     def _readable(self) -> None:
         try:
-            data = self.sock.recv(_RECV)
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, _RECV, 1)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
         if not data:
+            for fd in fds:
+                os.close(fd)
             self._lost()
             return
         msg = wire.decode(data)
+        fut = self.pending.pop(msg.get("seq"), None) if "seq" in msg else None
+        if fut is not None and not fut.cancelled():
+            fut.set_result({**msg, "fds": fds} if fds else msg)
+            return
+        for fd in fds:
+            os.close(fd)                    # nobody is waiting for it
         if msg.get("event") == "exited":
             self.on_exit(msg["jail"], msg["code"], msg["signal"], bool(msg.get("oom")))
-        elif msg.get("seq") in self.pending:
-            self.pending.pop(msg["seq"]).set_result(msg)
 
     def _lost(self) -> None:
         self.loop.remove_reader(self.sock)

@@ -7,6 +7,9 @@ VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
 TOP=$PWD
 getent group privbroker >/dev/null || groupadd --system privbroker
+# the broker's front runs as this user (broker/front.py); `make install` makes it too
+getent passwd privbroker >/dev/null || useradd --system --no-create-home \
+    --home-dir /nonexistent --shell /usr/sbin/nologin --gid privbroker privbroker
 exec "$VENV/bin/python" - "$VENV" <<PY
 import os, subprocess, sys, time
 sys.path.insert(0, "$TOP/tests")

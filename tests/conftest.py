@@ -115,9 +115,12 @@ def privbroker_group(_require_root):
     """The group the sample policy grants (examples/broker.toml), for the whole
     session: module fixtures that would add and remove it then leave it be,
     so no test depends on which module ran before it."""
-    from dbus_fixture import ensure_group
+    from dbus_fixture import ensure_group, ensure_front_user
     gid, created = ensure_group("privbroker")
+    user_created = ensure_front_user("privbroker", gid)   # privbrokerd's front runs as it
     yield gid
+    if user_created:
+        subprocess.run(["userdel", "privbroker"], capture_output=True)
     if created:
         subprocess.run(["groupdel", "privbroker"], capture_output=True)
 

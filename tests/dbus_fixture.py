@@ -30,6 +30,7 @@ Not a conftest: the tests import what they use from here.
 from __future__ import annotations
 
 import grp
+import pwd
 import os
 import re
 import select
@@ -284,6 +285,24 @@ def ensure_group(name: str = "privbroker") -> tuple[int, bool]:
     if p.returncode != 0:
         raise RuntimeError(f"groupadd --system {name}: {p.stderr.strip()}")
     return grp.getgrnam(name).gr_gid, True
+
+
+def ensure_front_user(name: str, gid: int) -> bool:
+    """Make sure the system user privbrokerd's front drops to exists (the
+    install step's job on a real system).  True if this call created it."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        pass
+    p = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                        "--shell", "/usr/sbin/nologin", "--gid", str(gid), name],
+                       capture_output=True, text=True)
+    if p.returncode == 9:            # created concurrently by someone else
+        return False
+    if p.returncode != 0:
+        raise RuntimeError(f"useradd --system {name}: {p.stderr.strip()}")
+    return True
 
 
 def remove_group(name: str) -> None:

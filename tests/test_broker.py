@@ -284,14 +284,17 @@ def _children(pid: int) -> list[tuple[int, str]]:
 
 
 def test_no_leaked_fds_zombies_or_children_after_many_launches(bus, broker, aio_broker):
-    [(launcher_pid, _)] = [c for c in _children(broker.pid)]
+    # privbrokerd's main process is the launcher; its one child the front
+    launcher_pid = broker.pid
+    [(front_pid, _)] = [c for c in _children(launcher_pid)]
     aio_broker.launch("minimal", ["/bin/true"], stdin=None).wait(timeout=20)  # warm up
-    before = (_fds(broker.pid), _fds(launcher_pid))
+    before = (_fds(front_pid), _fds(launcher_pid))
     for _ in range(60):
         aio_broker.launch("minimal", ["/bin/true"], stdin=None).wait(timeout=20)
-    assert (_fds(broker.pid), _fds(launcher_pid)) == before
-    assert _children(launcher_pid) == []              # no zombies, no stragglers
-    assert [c for c in _children(broker.pid)] == [(launcher_pid, "S")]
+    assert (_fds(front_pid), _fds(launcher_pid)) == before
+    assert _children(front_pid) == []                 # the front starts nothing
+    # no zombies, no stragglers: the front is the launcher's only child
+    assert [c for c in _children(launcher_pid)] == [(front_pid, "S")]
 
 
 def test_live_jail_limit_per_caller(bus, broker, aio_broker):

@@ -322,7 +322,9 @@ def test_policy_file_is_well_formed_busconfig():
     assert root.tag == "busconfig"
     policies = root.findall("policy")
     owners = [(p.attrib, r.attrib) for p in policies for r in p if "own" in r.attrib]
-    assert owners == [({"user": "root"}, {"own": BUS_NAME})], "only root may own the name"
+    assert owners == [({"user": "privbroker"}, {"own": BUS_NAME}),
+                      ({"user": "root"}, {"own": BUS_NAME})], \
+        "only the front's user (broker/front.py) and root may own the name"
     # Every rule naming the broker's interface is scoped to the broker as
     # destination (an unscoped deny would also block the Exited signal), or
     # is the broker's own signal.

@@ -661,7 +661,7 @@ def test_the_launcher_revalidates_daemon_store_requests(bare_tree):
     from broker import launcher
 
     async def main():
-        pid, sock = launcher.start(bare_tree.layout)
+        pid, sock = launcher.start(_sample_envelope(), bare_tree.layout)
         client = launcher.LauncherClient(sock, lambda *a: None)
         try:
             async def ask(**fields):
@@ -690,7 +690,7 @@ def test_a_launcher_without_a_layout_refuses_daemon_stores():
     from broker import launcher
 
     async def main():
-        pid, sock = launcher.start()
+        pid, sock = launcher.start(_sample_envelope())
         client = launcher.LauncherClient(sock, lambda *a: None)
         try:
             with pytest.raises(launcher.LauncherFailed) as e:
@@ -702,3 +702,12 @@ def test_a_launcher_without_a_layout_refuses_daemon_stores():
             os.waitpid(pid, 0)
 
     asyncio.run(main())
+
+
+def _sample_envelope():
+    """The launcher refuses every launch outside the sample policy; these
+    tests send it daemon-store requests only."""
+    from broker import policy
+    from broker.envelope import Envelope
+    from conftest import ROOT
+    return Envelope(policy.load(str(ROOT / "examples" / "broker.toml")))

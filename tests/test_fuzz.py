@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
@@ -208,3 +209,76 @@ def test_any_spec_on_the_wire_rebuilds_or_gives_a_wire_error(data):
 def test_a_valid_spec_survives_the_wire():
     spec = wire.spec_from_wire(VALID)
     assert json.loads(json.dumps(wire.spec_to_wire(spec))) == VALID
+
+
+# -- the launcher's acceptance of a launch (broker/launcher.accept_launch) ---------------
+
+def _sample_envelope():
+    from broker import policy
+    from broker.envelope import Envelope
+    return Envelope(policy.load(str(Path(__file__).resolve().parent.parent
+                                    / "examples" / "broker.toml")))
+
+
+def _broker_launch_msg() -> dict:
+    """What an honest front sends for root launching the sample `minimal`."""
+    from dataclasses import replace
+    from broker.envelope import BROKER_FORCED
+    env = _sample_envelope()
+    spec = replace(env.profiles.spec("minimal"), argv=("/bin/true",), uid=0, gid=0,
+                   **BROKER_FORCED)
+    return {"op": "launch", "jail": "f", "profile": "minimal", "fd_targets": [],
+            "spec": json.loads(json.dumps(wire.spec_to_wire(spec)))}
+
+
+ENVELOPE = _sample_envelope()
+LAUNCH = _broker_launch_msg()
+
+
+@FUZZ
+@given(st.data())
+def test_a_forged_launch_is_accepted_only_inside_the_envelope(data):
+    """A forged launch message (spec fields replaced, removed or added; the
+    profile or fd targets changed) is refused with a WireError, SpecError or
+    OutsideEnvelope, never another exception; and whatever is accepted has
+    every forced field, a uid the policy grants and the profile's own values
+    in every field a request may not set."""
+    from dataclasses import fields
+    from broker.envelope import BROKER_FORCED, REQUEST_FIELDS, OutsideEnvelope, granted_uid
+    from broker.jail.spec import JailSpec, SpecError
+    from broker.launcher import accept_launch
+    msg = json.loads(json.dumps(LAUNCH))
+    spec = msg["spec"]
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(["spec", "spec", "spec", "msg"]))
+        target = spec if where == "spec" else msg
+        key = data.draw(st.sampled_from(sorted(target) + ["extra"]))
+        how = data.draw(st.integers(0, 2))
+        if how == 0:
+            original = target.get(key)
+            flips = [not original] if isinstance(original, bool) else []
+            target[key] = data.draw(st.sampled_from(flips + [None, 0, 1, "x", [], {}])
+                                    | JSONISH)
+        elif how == 1:
+            target.pop(key, None)
+        else:
+            target[data.draw(st.text(max_size=8))] = data.draw(JSONISH)
+    try:
+        profile, accepted, _ = accept_launch(msg, 0, ENVELOPE)
+    except (wire.WireError, SpecError, OutsideEnvelope) as e:
+        assert str(e)
+        return
+    base = ENVELOPE.profiles.spec(profile)
+    for name, value in BROKER_FORCED.items():
+        assert getattr(accepted, name) == value, name
+    assert granted_uid(ENVELOPE.policy, profile, accepted.uid)
+    for f in fields(JailSpec):
+        if f.name not in REQUEST_FIELDS and f.name not in BROKER_FORCED:
+            assert getattr(accepted, f.name) == getattr(base, f.name), f.name
+    assert base.namespaces <= accepted.namespaces
+
+
+def test_the_honest_launch_is_accepted():
+    from broker.launcher import accept_launch
+    profile, spec, targets = accept_launch(json.loads(json.dumps(LAUNCH)), 0, ENVELOPE)
+    assert (profile, spec.argv, spec.uid, targets) == ("minimal", ("/bin/true",), 0, [])

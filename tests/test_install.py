@@ -290,6 +290,9 @@ def _installed_broker_serves() -> None:
                 if r.returncode == 0 or time.monotonic() > deadline or proc.poll() is not None:
                     break
                 time.sleep(0.2)
+            if proc.poll() is not None:
+                pytest.fail(f"the installed privbrokerd exited {proc.returncode}: "
+                            f"{proc.stderr.read()}")
             assert r.returncode == 0, (r.stderr, proc.poll())
             assert "version:    0.1.0" in r.stdout
             r = subprocess.run(["busctl", f"--address={bus.address}", "introspect",

@@ -10,24 +10,33 @@ import time
 
 import pytest
 
-from broker import launcher, wire
-from broker.jail.spec import Bind, JailSpec
-from conftest import JAIL_PYTHON, PROBE, processes_with
+from broker import launcher, policy, wire
+from broker.envelope import BROKER_FORCED, Envelope
+from broker.jail.spec import Bind
+from conftest import JAIL_PYTHON, PROBE, ROOT, processes_with
 
-MINIMAL = JailSpec(argv=("/bin/true",), namespaces=frozenset({"pid", "mount", "net", "ipc", "uts"}),
-                   remount_proc_ro=True, no_new_privs=True)
+# The launcher starts only what the policy and its profiles could produce
+# (broker/envelope.py): here the sample deployment's, whose grant names root.
+SAMPLE = policy.load(str(ROOT / "examples" / "broker.toml"))
 
 
-def spec(*argv: str, **kw) -> JailSpec:
+def spec(*argv: str, **kw):
+    """The sample `minimal` profile as the front builds it for root."""
     from dataclasses import replace
-    return replace(MINIMAL, argv=argv, **kw)
+    base = Envelope(SAMPLE).profiles.spec("minimal")
+    return replace(base, argv=argv, **{"uid": 0, "gid": 0, **BROKER_FORCED, **kw})
+
+
+def launch_msg(jail: str, s, profile: str = "minimal") -> dict:
+    return {"op": "launch", "jail": jail, "profile": profile, "fd_targets": [],
+            "spec": wire.spec_to_wire(s)}
 
 
 class Harness:
     """A launcher process and an asyncio client of it, collecting exit events."""
 
-    def __init__(self):
-        self.pid, sock = launcher.start()
+    def __init__(self, pol=SAMPLE):
+        self.pid, sock = launcher.start(Envelope(pol))
         self.exits: dict[str, tuple] = {}
         self.exited = asyncio.Event()
         self.client = launcher.LauncherClient(sock, self._on_exit)
@@ -57,8 +66,8 @@ def test_launch_passes_exactly_the_given_fds_and_reports_exit():
         h = Harness()
         r, w = os.pipe()
         reply = await h.client.request(
-            {"op": "launch", "jail": "j1", "fd_targets": [1, 2],
-             "spec": wire.spec_to_wire(spec(JAIL_PYTHON, PROBE, "--exit", "3"))}, [w, w])
+            {**launch_msg("j1", spec(JAIL_PYTHON, PROBE, "--exit", "3")), "fd_targets": [1, 2]},
+            [w, w])
         os.close(w)
         assert reply["pid"] > 0
         assert await h.wait_exit("j1") == (3, None)
@@ -77,8 +86,7 @@ def test_signal_reaches_every_process_in_the_jail():
     async def main():
         h = Harness()
         script = f"sleep 30 & sleep 30 & wait"
-        await h.client.request({"op": "launch", "jail": "j2", "fd_targets": [], "spec":
-                                wire.spec_to_wire(spec("/bin/sh", "-c", script, marker))})
+        await h.client.request(launch_msg("j2", spec("/bin/sh", "-c", script, marker)))
         for _ in range(100):
             if len(processes_with("sleep\x0030")) >= 2:
                 break
@@ -96,8 +104,7 @@ def test_failed_launch_is_a_named_error_and_leaves_no_process():
     async def main():
         h = Harness()
         with pytest.raises(launcher.LauncherFailed) as e:
-            await h.client.request({"op": "launch", "jail": "j3", "fd_targets": [], "spec":
-                                    wire.spec_to_wire(spec("/no/such/program"))})
+            await h.client.request(launch_msg("j3", spec("/no/such/program")))
         h.close()
         return e.value
     err = run(main())
@@ -107,11 +114,16 @@ def test_failed_launch_is_a_named_error_and_leaves_no_process():
 @pytest.mark.parametrize("msg,expect", [
     ({"op": "launch", "jail": "BAD ID", "fd_targets": [], "spec": {}}, "bad jail id"),
     ({"op": "frobnicate", "jail": "j4"}, "unknown op"),
-    ({"op": "launch", "jail": "j4", "fd_targets": [0], "spec": {"argv": ["x"]}}, "fd_targets"),
-    ({"op": "launch", "jail": "j4", "fd_targets": [], "spec": {"argv": ["x"], "uid": "0"}},
-     "wrong type"),
-    ({"op": "launch", "jail": "j4", "fd_targets": [], "spec": {"argv": ["x"], "evil": 1}},
-     "unexpected keyword"),
+    ({"op": "launch", "jail": "j4", "profile": "minimal", "fd_targets": [0],
+      "spec": {"argv": ["x"]}}, "fd_targets"),
+    ({"op": "launch", "jail": "j4", "fd_targets": [], "spec": {"argv": ["x"]}},
+     "names its profile"),
+    ({"op": "launch", "jail": "j4", "profile": "minimal", "fd_targets": [],
+      "spec": {"argv": ["x"], "uid": "0"}}, "wrong type"),
+    ({"op": "launch", "jail": "j4", "profile": "minimal", "fd_targets": [],
+      "spec": {"argv": ["x"], "evil": 1}}, "unexpected keyword"),
+    ({"op": "pidfd", "pid": -1}, "pidfd request"),
+    ({"op": "pidfd", "pid": 1, "extra": 0}, "pidfd request"),
     ({"op": "signal", "jail": "j4", "signal": 999}, "bad signal"),
 ])
 def test_malformed_requests_are_refused(msg, expect):
@@ -142,8 +154,7 @@ def test_launcher_kills_its_jails_when_the_front_goes_away():
 
     async def main():
         h = Harness()
-        await h.client.request({"op": "launch", "jail": "j5", "fd_targets": [], "spec":
-                                wire.spec_to_wire(spec("/bin/sh", "-c", "sleep 30", marker))})
+        await h.client.request(launch_msg("j5", spec("/bin/sh", "-c", "sleep 30", marker)))
         assert processes_with(marker)
         h.close()          # closes the socket and waits for the launcher to exit
     run(main())

@@ -98,8 +98,9 @@ def _capbnd(pid) -> int:
     raise AssertionError("no CapBnd")
 
 
-def _launcher_pid(front: int) -> int:
-    children = Path(f"/proc/{front}/task/{front}/children").read_text().split()
+def _front_pid(launcher: int) -> int:
+    """privbrokerd's main process is the launcher; the front its one child."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
 
@@ -107,7 +108,7 @@ def _launcher_pid(front: int) -> int:
 # -- the launcher in the host's mount namespace ---------------------------------------
 
 def test_launcher_lives_in_the_host_namespace_and_the_front_does_not(broker):
-    front, launcher = broker.pid, _launcher_pid(broker.pid)
+    launcher, front = broker.pid, _front_pid(broker.pid)
     assert _ns(launcher) == _ns("self")
     assert _ns(front) != _ns("self")
     # The front's view is its own: the tmpfs hides the marker there only.
@@ -116,7 +117,7 @@ def test_launcher_lives_in_the_host_namespace_and_the_front_does_not(broker):
 
 
 def test_no_broker_process_keeps_cap_sys_ptrace(broker):
-    for pid in (broker.pid, _launcher_pid(broker.pid)):
+    for pid in (broker.pid, _front_pid(broker.pid)):
         assert not _capbnd(pid) & (1 << CAP_SYS_PTRACE), pid
 
 

@@ -64,12 +64,39 @@ class Journal:
         self.path = path
         self.fd: int | None = None
         self.lines = 0
+        self.owner = os.geteuid()       # whose private file it is (hand_to)
 
     def _check_private(self, st: os.stat_result, what: str) -> None:
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise JournalError(f"{what} must be owned by uid {os.geteuid()} and not writable "
+        if st.st_uid != self.owner or st.st_mode & 0o022:
+            raise JournalError(f"{what} must be owned by uid {self.owner} and not writable "
                                f"by group or others (it is uid {st.st_uid}, mode "
                                f"{stat_mod.S_IMODE(st.st_mode):04o})")
+
+    def hand_to(self, uid: int, gid: int) -> None:
+        """Make the journal (its directory, and the file if there is one) the
+        private property of `uid`: privbrokerd, as root, hands it to the
+        front's user before replaying it, so that the front, which writes it,
+        and every later start agree on whose it is.  Through fds opened
+        without following symlinks, never by path."""
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        for path, flags in ((d, os.O_DIRECTORY), (self.path, 0)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                             | flags)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise JournalError(f"{path}: {e.strerror}") from None
+            try:
+                st = os.fstat(fd)
+                if not (stat_mod.S_ISDIR(st.st_mode) if flags else stat_mod.S_ISREG(st.st_mode)):
+                    raise JournalError(f"{path} is not a {'directory' if flags else 'file'}")
+                os.fchown(fd, uid, gid)
+                os.fchmod(fd, stat_mod.S_IMODE(st.st_mode) & ~0o077)
+            finally:
+                os.close(fd)
+        self.owner = uid
 
     def _open(self) -> int:
         if self.fd is None:

@@ -211,8 +211,14 @@ KIND_RIGHTS: dict[str, frozenset[str]] = {
     # No EXECUTE, as in minijail: an advanced-rw directory that must also be
     # executable needs a second rx rule.
     "advanced-rw": _READ | _FULL_WRITE | {"REFER", "TRUNCATE", "IOCTL_DEV"},
+    # Not one of minijail's kinds (a jail spec cannot name it: spec.py
+    # LANDLOCK_ACCESS): the broker front's device root.  Nodes may be opened
+    # read-write and ioctl'd through the fd (IOCTL_DEV is decided at open and
+    # travels with the fd to whoever receives it), nothing may be created,
+    # removed or renamed there.
+    "dev-rw": _READ | {"WRITE_FILE", "IOCTL_DEV"},
 }
-assert set(KIND_RIGHTS) == set(LANDLOCK_ACCESS)
+assert set(LANDLOCK_ACCESS) <= set(KIND_RIGHTS)
 
 
 def handled_access_fs(abi: int) -> int:
@@ -296,6 +302,8 @@ class Ruleset:
         self._rules = rules             # ((path, kind, allowed_mask), ...)
         self._skipped = skipped
         self._reason = reason
+        self.handled_net = 0            # build_ruleset(deny_tcp=True): TCP rights denied
+        self.scoped = 0                 # build_ruleset(scopes=...): IPC scopes
 
     @property
     def fd(self) -> int:
@@ -346,8 +354,8 @@ class Ruleset:
             "kernel_abi": self.kernel_abi,
             "abi": self.abi,
             "handled_access_fs": right_names("fs", handled),
-            "handled_access_net": [],   # not handled: network is not restricted
-            "scoped": [],               # not handled: no IPC scoping
+            "handled_access_net": right_names("net", self.handled_net),
+            "scoped": right_names("scoped", self.scoped),
             "not_handled_fs": right_names("fs", rights("fs", LANDLOCK_ABI_KNOWN) & ~handled),
             "rules": [{"path": p, "access": k, "allowed": right_names("fs", m)}
                       for p, k, m in self._rules],
@@ -373,7 +381,8 @@ def _check_rule(rule: FsRule) -> None:
 
 def build_ruleset(rules: Iterable[FsRule], best_effort: bool = False, *,
                   min_abi: int = 1, target_abi: int | None = None,
-                  optional: Collection[FsRule] = DEFAULT_PATHS) -> Ruleset:
+                  optional: Collection[FsRule] = DEFAULT_PATHS,
+                  deny_tcp: bool = False, scopes: Collection[str] = ()) -> Ruleset:
     """Create a ruleset that handles every FS right of the ABI in use and allows
     what `rules` grant.  This runs in the parent, before fork.
 
@@ -387,6 +396,12 @@ def build_ruleset(rules: Iterable[FsRule], best_effort: bool = False, *,
     optional     Rules whose path may be missing (ENOENT): they are skipped and
                  reported.  Any other path that cannot be opened is an error
                  naming it.
+    deny_tcp     Also handle the network rights (ABI 4: TCP bind and connect)
+                 with no rule allowing them.  Not minijail's behaviour; the
+                 broker's own front uses it.  Below ABI 4: not restricted.
+    scopes       IPC scopes to set ("SIGNAL", "ABSTRACT_UNIX_SOCKET", ABI 6):
+                 signals and abstract-socket connections leave the domain no
+                 more.  Below ABI 6: not restricted.
     """
     rules = tuple(rules)
     for rule in rules:
@@ -416,7 +431,11 @@ def build_ruleset(rules: Iterable[FsRule], best_effort: bool = False, *,
     else:
         reason = None
 
-    attr = LandlockRulesetAttr(handled_access_fs(abi), 0, 0)
+    # The net and scoped fields exist from ABI 4 and 6: rights() masks them to
+    # the ABI in use, and ruleset_attr_size() tells the kernel how much it reads.
+    attr = LandlockRulesetAttr(handled_access_fs(abi),
+                               rights("net", abi) if deny_tcp else 0,
+                               rights_mask("scoped", scopes) & rights("scoped", abi))
     try:
         fd = landlock_create_ruleset(attr, ruleset_attr_size(abi), 0)
     except OSError as e:
@@ -449,4 +468,6 @@ def build_ruleset(rules: Iterable[FsRule], best_effort: bool = False, *,
     except BaseException:
         os.close(fd)
         raise
-    return Ruleset(fd, kernel, abi, tuple(added), tuple(skipped), reason)
+    ruleset = Ruleset(fd, kernel, abi, tuple(added), tuple(skipped), reason)
+    ruleset.handled_net, ruleset.scoped = attr.handled_access_net, attr.scoped
+    return ruleset
