@@ -17,7 +17,7 @@ from broker import policy
 from broker.devices import usbdevfs
 from broker.devices.core import DeviceCore
 from broker.devices.errors import DeviceError
-from udev_tree import make_node, sample
+from udev_tree import kernel_uevent, make_node, sample
 
 PLUGDEV = grp.getgrnam("plugdev").gr_gid
 
@@ -204,6 +204,7 @@ def test_detach_claims_the_driver_held_interfaces(tmp_path):
 def test_a_failed_lockdown_hands_out_nothing(tmp_path):
     path = make(tmp_path, "bus/usb/001/005")
     c = core(tmp_path, ioctl=Ioctls(fail=True))
+    c.check_path_access(Caller(), path)      # the core's own fds (uevent socket) exist
     before = _fds()
     with pytest.raises(DeviceError) as e:
         c.open_path(Caller(), path)
@@ -234,6 +235,7 @@ def test_grants(tmp_path):
 def test_a_lease_through_the_core(tmp_path, caplog):
     path = make(tmp_path, "hidraw0")
     c = core(tmp_path)
+    c.check_path_access(Caller(), path)      # the core's own fds (uevent socket) exist
     before = _fds()
     lease, info = c.chown_device(Caller(), path)
     assert info["lease"] == lease and info["done"] == "uid 0->4321 mode 0660->0640, journaled first"
@@ -294,11 +296,56 @@ def test_decisions_are_remembered_only_while_nothing_they_read_can_change(tmp_pa
     assert c.check_path_access(Caller(), hid)[0] and len(calls) == 4
 
 
-def test_usb_decisions_read_the_interfaces_every_time(tmp_path):
+def test_usb_decisions_are_remembered_until_the_kernel_announces_a_change(tmp_path,
+                                                                          monkeypatch):
+    from broker.devices import chain
+    calls = []
+    real = chain.decide
+    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
+                        real(rules, dev))
     usb = make(tmp_path, "bus/usb/001/005")               # usbhid on 1.0, 1.1 free
     c = core(tmp_path)
     assert c.check_path_access(Caller(), usb)[0]           # lockdown: allowed
+    assert c.uevents.watching, c.uevents.why_not
+    for _ in range(3):
+        assert c.check_path_access(Caller(), usb)[0]
+    assert len(calls) == 1                                 # remembered: nothing happened
+    # a driver binds to the free interface, and the kernel says so (as it
+    # does for every bind): the next decision reads the interfaces again
     iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-4:1.1"
     os.symlink("../../../../../../bus/usb/drivers/cdc_acm", f"{iface}/driver")
+    kernel_uevent()
     with pytest.raises(DeviceError, match="deny_claimed_usb"):
         c.open_path(Caller(), usb)                         # now every interface is claimed
+    assert len(calls) == 2
+    # unbound again: seen at the very next call too
+    os.unlink(f"{iface}/driver")
+    kernel_uevent()
+    assert c.check_path_access(Caller(), usb)[0] and len(calls) == 3
+
+
+def test_without_uevents_usb_decisions_are_made_every_time(tmp_path, monkeypatch):
+    from broker.devices import uevents
+    monkeypatch.setattr(uevents, "MIN_KERNEL", (999, 0))   # as on a kernel before 4.14
+    usb = make(tmp_path, "bus/usb/001/005")
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), usb)[0]
+    assert not c.uevents.watching and "4.14" in c.uevents.why_not
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-4:1.1"
+    os.symlink("../../../../../../bus/usb/drivers/cdc_acm", f"{iface}/driver")
+    with pytest.raises(DeviceError, match="deny_claimed_usb"):     # no event needed
+        c.open_path(Caller(), usb)
+
+
+def test_a_device_replaced_at_the_same_node_is_decided_afresh(tmp_path):
+    # hidraw0 (allowed) goes away and a hub comes at the same number: a new
+    # sysfs directory behind the same /sys/dev/char link, no uevent needed
+    hid = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), hid)[0]
+    link = tmp_path / "sys/dev/char/1:5"
+    hub = os.path.realpath(tmp_path / "sys/dev/char/250:1")     # usb 1-1, a hub
+    os.unlink(link)
+    os.symlink(os.path.relpath(hub, link.parent), link)
+    ok, info = c.check_path_access(Caller(), hid)
+    assert not ok and "deny_usb_hub=DENY" in info["rules"]

@@ -201,3 +201,14 @@ def device(tree: UdevTree, major: int, minor: int, gid: int = 0, kind: str = "c"
     st = os.stat_result((mode, 1, 1, 1, 0, gid, 0, 0, 0, 0))
     # st_rdev is not in the 10-tuple; rules never use it
     return Device(path, st, record)
+
+
+def kernel_uevent(device: str = "/sys/devices/virtual/mem/null") -> None:
+    """Have the kernel send a real uevent ("change", as `udevadm trigger
+    --action=change` makes it), for a test that changed the tree the way a
+    driver binding would: the kernel announces every such change, and the
+    broker's uevent monitor (broker/devices/uevents.py) takes any uevent as
+    "sysfs may have changed".  /dev/null's device is on every system and a
+    change event for it changes nothing."""
+    with open(f"{device}/uevent", "w") as f:
+        f.write("change")

@@ -24,7 +24,12 @@ device instance (record.py: the reader's `live` flag); the key is what they
 did read: the path, the node's owner, group and mode, the device instance
 (sysfs directory and its identity, looked up again for every request) and
 whether udev has initialized it.  A USB device's decision reads its
-interfaces' drivers, so it is made afresh every time.
+interfaces and their drivers, which change without a new instance: it is
+remembered only while the kernel's uevents are watched (uevents.py), and
+every remembered decision is forgotten as soon as any uevent arrives; the
+socket is drained before anything is read for a request.  Decisions that
+read what the kernel does not announce (udev's database, live attributes:
+the reader's `unannounced`) are made afresh every time.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .config import DevicesConfig
 from .errors import DeviceError, denied
 from .leases import LeaseManager
 from .record import UdevReader
+from .uevents import UeventMonitor
 from .rules import DETACH, LOCKDOWN, Device
 from .rules.base import usb_interfaces
 
@@ -53,6 +59,7 @@ class DeviceCore:
         self.use_openat2 = use_openat2
         self.ioctl = ioctl                   # None: fcntl.ioctl
         self._decisions: dict[tuple, chain.Decision] = {}
+        self.uevents: UeventMonitor | None = None   # opened on first use (in the front)
 
     # -- the four operations -----------------------------------------------------------
     def check_path_access(self, caller, path: str) -> tuple[bool, dict]:
@@ -121,6 +128,8 @@ class DeviceCore:
 
     def close(self) -> None:
         self.leases.close_all()
+        if self.uevents is not None:
+            self.uevents.close()
 
     # -- steps ---------------------------------------------------------------------------
     def _granted(self, caller, op: str) -> bool:
@@ -137,7 +146,23 @@ class DeviceCore:
                      f"{' or '.join(repr(o) for o in ops)} (grants are in the broker's policy "
                      f"file)")
 
+    def _forget_if_sysfs_changed(self) -> None:
+        """Before anything is read for a request: any uevent since the last
+        one (or no way to know) makes every remembered decision stale."""
+        if self.uevents is None:
+            self.uevents = UeventMonitor()
+        if self.uevents.changed() and self._decisions:
+            self._decisions.clear()
+
+    def _may_remember(self) -> bool:
+        """The decision just made read only what cannot change within the
+        device instance, or else only what the kernel announces, and we are
+        listening."""
+        reader = self.reader
+        return not reader.live or (not reader.unannounced and self.uevents.watching)
+
     def _evaluate(self, path: str):
+        self._forget_if_sysfs_changed()
         node = safe_open.open_node(self.config.dev_root, path, self.use_openat2)
         try:
             st = node.st
@@ -148,9 +173,9 @@ class DeviceCore:
                    record.ident, record.is_initialized)
             decision = self._decisions.get(key)
             if decision is None:
-                self.reader.live = False
+                self.reader.live = self.reader.unannounced = False
                 decision = chain.decide(self.config.rules, Device(path, st, record))
-                if not self.reader.live:
+                if self._may_remember():
                     if len(self._decisions) >= DECISION_CACHE:
                         self._decisions.clear()
                     self._decisions[key] = decision

@@ -36,6 +36,11 @@ uses attribute_live().
 The reader notes (`live`) when a decision read anything of the second kind
 beyond the instance's identity; a decision that did not is a function of
 (device instance, node group, initialized) and may be reused (core.py).
+Of the second kind, the kernel announces changes of drivers, children and
+the uevent file with a uevent (uevents.py); it does not announce udev's
+database (written by udevd after the kernel's event) nor attributes read
+with attribute_live().  Reading those also sets `unannounced`: such a
+decision is never reused.
 """
 from __future__ import annotations
 
@@ -200,7 +205,7 @@ class DeviceRecord:
 
     def attribute_live(self, name: str) -> bytes | None:
         """An attribute that may change (authorized, power/...): read now."""
-        self.reader.live = True
+        self.reader.live = self.reader.unannounced = True
         self._check_name(name)
         return _read(f"{self.syspath}/{name}")
 
@@ -225,7 +230,7 @@ class DeviceRecord:
 
     @property
     def db(self) -> UdevDb | None:
-        self.reader.live = True
+        self.reader.live = self.reader.unannounced = True
         if self._db is _UNSET:
             data = _read(f"{self.reader.udev_data}/{self.db_id()}", 1 << 20)
             self._db = None if data is None else UdevDb(data)
@@ -322,6 +327,7 @@ class UdevReader:
         self.cache_size = cache_size
         self._cache: OrderedDict[str, DeviceRecord] = OrderedDict()
         self.live = False       # set by any read of what may change within an instance
+        self.unannounced = False  # ... of what changes without a kernel uevent
 
     def at(self, syspath: str) -> DeviceRecord | None:
         """The record of the device directory at syspath, as it is now."""
