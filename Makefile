@@ -11,7 +11,7 @@ STAMP    := $(VENV)/.installed
 APT_PKGS := python3 python3-venv python3-dev gcc libcap-dev libseccomp2 \
             libc6-dev linux-libc-dev bubblewrap dbus strace umockdev
 
-.PHONY: run test conformance fuzz bench deps apt-deps clean install uninstall install-deps \
+.PHONY: run test conformance fuzz soak bench deps apt-deps clean install uninstall install-deps \
         install-files install-system man deb deb-deps
 
 deps: apt-deps $(STAMP) /var/empty
@@ -59,10 +59,18 @@ fuzz: deps
 	PRIVBROKER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q tests/test_fuzz.py \
 	  --hypothesis-show-statistics
 
+# Long soak (make test runs a short one): 10,000 launches + 100,000 calls
+# against one broker, then 200 concurrent callers (half misbehaving), and
+# the fault tests; figures printed.  tests/test_soak*.py, tests/test_faults.py.
+soak: deps
+	PRIVBROKER_SOAK=full $(VPY) -m pytest -q -s tests/test_soak.py tests/test_soak_callers.py \
+	  tests/test_faults.py
+
 bench: deps
 	$(VPY) bench/launch_latency.py
 	$(VPY) bench/broker_latency.py
 	$(VPY) bench/device_latency.py
+	$(VPY) bench/privsep_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

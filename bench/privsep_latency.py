@@ -2,7 +2,7 @@
 
     python bench/privsep_latency.py [--runs N] [--before REV]
 
-  before   privbrokerd from git revision REV (default 9a07545, the last
+  before   privbrokerd from git revision REV (default 1eca095, the last
            commit before issue #11: a root front, the launcher its child,
            no launch envelope), unpacked with `git archive` into a temporary
            directory
@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-PRE_SPLIT = "9a07545"
+PRE_SPLIT = "1eca095"
 
 
 def pct(samples, p):

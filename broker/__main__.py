@@ -226,9 +226,10 @@ def _fork_front() -> int:
 
 def run_front(args, pol, sock, user, devices) -> int:
     """The front: its own mount namespace, confined, then the bus."""
-    from . import front
+    from . import front, logs
     from .jail import syscalls as sc
     prctl.set_name("pb-front")
+    logs.tag_front()
     # Its own mount namespace, a slave of ours: what the front sees cannot
     # be changed from inside, and nothing it does reaches anyone.
     sc.unshare(sc.CLONE_NEWNS)

@@ -44,12 +44,25 @@ def setup(level: str = "info", target: str = "auto") -> str:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("privbrokerd: %(levelname)s %(message)s"))
+    # No format here names a source line: skip logging's frame walk for it
+    # on every line (the logging module's documented optimization).
+    logging._srcfile = None
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     return target
+
+
+def tag_front() -> None:
+    """In the front: its pid is 1 in its own pid namespace, so the syslog tag
+    carries the pid the host sees (/proc/self, resolved by the host's procfs
+    the front still has), as the journal's _PID field does."""
+    host_pid = os.readlink("/proc/self")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            handler.setFormatter(logging.Formatter(f"privbrokerd[{host_pid}]: %(message)s"))
 
 
 def _started_by_systemd() -> bool:
