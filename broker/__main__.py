@@ -109,7 +109,9 @@ async def serve(args, pol, launcher_sock, devices=None) -> int:
     bus_gone = asyncio.ensure_future(bus.wait_for_disconnect())
     bus_gone.add_done_callback(lambda _: stop("the bus connection closed"))
     await done
-    return 0 if done.result() != "the launcher exited" else 1
+    # Only an asked-for stop is a success: a lost bus or launcher must end
+    # with a failure, for the unit's Restart=on-failure.
+    return 0 if done.result() in ("SIGTERM", "SIGINT") else 1
 
 
 def _register_status_counts(status, pol, devices) -> None:

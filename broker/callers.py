@@ -11,6 +11,7 @@ pid.  Entries are cached per unique name and dropped when the name goes away.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 
@@ -53,13 +54,32 @@ class Callers:
         self.bus = bus
         self.open_pidfd = open_pidfd
         self.cache: dict[str, Caller] = {}
+        # One lookup in flight per sender: concurrent first calls share it
+        # (each used to open a pidfd of its own, and all but one leaked).
+        self._asking: dict[str, asyncio.Future] = {}
+        self._gone: set[str] = set()     # forgotten while being asked
 
     async def identify(self, sender: str) -> Caller:
         caller = self.cache.get(sender)
-        if caller is None:
-            caller = await self._ask(sender)
+        if caller is not None:
+            return caller
+        asking = self._asking.get(sender)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(sender))
+            self._asking[sender] = asking
+            asking.add_done_callback(lambda f: self._asked(sender, f))
+        return await asyncio.shield(asking)
+
+    def _asked(self, sender: str, fut: asyncio.Future) -> None:
+        del self._asking[sender]
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        caller = fut.result()
+        if sender in self._gone:         # its name went away meanwhile: nothing to keep
+            self._gone.discard(sender)
+            os.close(caller.pidfd)
+        else:
             self.cache[sender] = caller
-        return caller
 
     async def _ask(self, sender: str) -> Caller:
         reply = await self.bus.call(_dbus_call("GetConnectionCredentials", "s", [sender]))
@@ -92,3 +112,5 @@ class Callers:
         caller = self.cache.pop(name, None)
         if caller is not None:
             os.close(caller.pidfd)
+        elif name in self._asking:
+            self._gone.add(name)

@@ -78,6 +78,7 @@ class JailCore:
         self.launcher = launcher_client
         self.on_exited = on_exited       # (LiveJail, code, signal, oom) -> None
         self.live: dict[str, LiveJail] = {}
+        self.starting: dict[int, int] = {}   # per caller uid: launches awaiting the launcher
         self.rates: dict[int, _Rate] = {}
         self.profiles = Profiles(policy.profiles_dir)
         self.landlock_abi = landlock.abi_version()   # 0: Landlock rules would enforce nothing
@@ -104,6 +105,9 @@ class JailCore:
         targets = sorted(fds)
         from . import wire
         from .launcher import LauncherFailed
+        # Counted against max_live_jails from here on, so that launches
+        # awaiting the launcher at the same time cannot all pass the check.
+        self.starting[caller.uid] = self.starting.get(caller.uid, 0) + 1
         try:
             reply = await self.launcher.request(
                 {"op": "launch", "jail": jail.jail_id, "profile": profile,
@@ -113,8 +117,13 @@ class JailCore:
             raise invalid(f"the launch request is too large: {e}") from None
         except LauncherFailed as e:
             raise BrokerError(_LAUNCHER_ERRORS.get(e.kind, "Failed"), str(e)) from None
-        jail.pid = reply["pid"]
-        self.live[jail.jail_id] = jail
+        else:
+            jail.pid = reply["pid"]
+            self.live[jail.jail_id] = jail
+        finally:
+            self.starting[caller.uid] -= 1
+            if not self.starting[caller.uid]:
+                del self.starting[caller.uid]
         if "timeout_s" in options:
             jail.timeout = asyncio.get_running_loop().call_later(
                 options["timeout_s"], self._kill_soon, jail.jail_id)
@@ -133,7 +142,7 @@ class JailCore:
                               + f"); the profile must {verdict.missing()}")
 
     def _check_limits(self, uid: int, limits) -> None:
-        mine = sum(1 for j in self.live.values() if j.uid == uid)
+        mine = sum(1 for j in self.live.values() if j.uid == uid) + self.starting.get(uid, 0)
         if mine >= limits.max_live_jails:
             raise BrokerError("LimitExceeded", f"uid {uid} already has {mine} live jails "
                               f"(limit {limits.max_live_jails})")

@@ -54,14 +54,17 @@ def bus():
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment):
+    # The log goes to a file: a pipe nobody drains would stop the broker
+    # once it filled (about 64 KiB of log lines; found by tests/test_soak.py).
+    log = open(deployment / "broker.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
                              "--config", str(deployment / "broker.toml")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log, text=True)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if busctl(bus, "status", BUS_NAME).returncode == 0:
             break
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, (deployment / "broker.log").read_text()
         time.sleep(0.1)
     else:
         pytest.fail("privbrokerd did not own its name")
