@@ -231,7 +231,8 @@ def _landlock_probe() -> str:
 def describe(facts: dict) -> str:
     ll = facts["landlock"]
     return (f"front confined: uid {facts['uid'][0]} gid {facts['gid'][0]}, "
-            f"CapEff {facts['cap_eff']:#x}, NoNewPrivs 1, Seccomp 2 (filter), "
+            f"CapEff {facts['cap_eff']:#x}, NoNewPrivs {int(facts['no_new_privs'])}, "
+            f"Seccomp {facts['seccomp']} (filter), "
             f"Landlock ABI {ll['abi']} ({len(ll['rules'])} rules, TCP "
             f"{'denied' if ll['handled_access_net'] else 'not restricted'}, scoped "
             f"{'+'.join(ll['scoped']) or 'none'}); a write to {PROBE_DIR} was refused "

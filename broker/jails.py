@@ -22,7 +22,8 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 
-from .envelope import BROKER_FORCED, LOADER_ENV_PREFIX, Profiles, ProfileError
+from .envelope import (BROKER_FORCED, DEFAULT_CPU_WEIGHT, LOADER_ENV_PREFIX, Profiles,
+                       ProfileError)
 from .jail import config as jail_config
 from .jail import landlock
 from .jail.exposure import check_forbidden_intersection
@@ -309,7 +310,7 @@ def _tighter_cgroup_limit(spec: JailSpec, name: str, value) -> int:
     except (ValueError, SpecError) as e:
         raise invalid(f"option {name}: {e}") from None
     current = getattr(spec, CGROUP_OPTIONS[name])
-    ceiling = 100 if name == "cpu_weight" and current is None else current
+    ceiling = DEFAULT_CPU_WEIGHT if name == "cpu_weight" and current is None else current
     if ceiling is not None and asked > ceiling:
         raise BrokerError("AccessDenied", f"option {name} ({asked}) would loosen the "
                           f"profile (at most {ceiling})")
