@@ -105,7 +105,8 @@ def main() -> None:
     shutil.copytree(ROOT / "examples" / "profiles", deploy / "profiles")
     (deploy / "broker.toml").write_text(      # the sample, without its rate limit
         (ROOT / "examples" / "broker.toml").read_text()
-        .replace("launches_per_second = 20", "launches_per_second = 100000"))
+        .replace("launches_per_second = 20", "launches_per_second = 100000")
+        .replace("calls_per_second = 200", "calls_per_second = 100000"))
     with PrivateBus() as bus:
         broker = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
                                    "--config", str(deploy / "broker.toml"),

@@ -39,6 +39,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 CONFIG = """
 profiles_dir = "{root}/profiles"
+[limits]
+calls_per_second = 100000    # the bench calls back to back: no throttle
 [[grant]]
 name = "bench"
 users = ["root"]

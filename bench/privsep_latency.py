@@ -98,6 +98,7 @@ def main() -> None:
             (work / f"{name}.toml").write_text(
                 (ROOT / "examples" / "broker.toml").read_text()
                 .replace("launches_per_second = 20", "launches_per_second = 100000")
+                .replace("calls_per_second = 200", "calls_per_second = 100000")
                 .replace("/var/lib/privbroker/", f"{work}/state-{name}/"))
         trees = {"before": unpack(args.before, work), "after": ROOT}
         with PrivateBus() as bus_a, PrivateBus() as bus_b:

@@ -85,7 +85,8 @@ async def serve(args, pol, launcher_sock, devices=None) -> int:
 
     core = JailCore(pol, None, None)
     stores = DaemonStoreFront(pol.daemon_store)
-    service = BrokerService(bus, core, kernel_features(), stores, devices=devices)
+    service = BrokerService(bus, core, kernel_features(), stores, devices=devices,
+                            calls_per_second=pol.calls_per_second)
     _register_status_counts(service.status, pol, devices)
     core.on_exited = lambda jail, code, sig, oom=False: service.send_exited(
         jail.owner, jail.jail_id, code, sig, oom)
@@ -99,8 +100,10 @@ async def serve(args, pol, launcher_sock, devices=None) -> int:
         asyncio.get_running_loop().add_signal_handler(signum, stop, signal.Signals(signum).name)
     await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                           # names going away only (new owner ''): a caller that
+                           # churns connections sends the front half the signals
                            body=["type='signal',sender='org.freedesktop.DBus',"
-                                 "member='NameOwnerChanged'"]))
+                                 "member='NameOwnerChanged',arg2=''"]))
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
     if reply != RequestNameReply.PRIMARY_OWNER:
         log.error("could not own %s (%s)", BUS_NAME, reply)

@@ -120,6 +120,8 @@ def decision(level: int, member: str, verdict: str, caller=None, sender: str | N
              args: dict | None = None, kind: str | None = None, result: dict | None = None,
              reason: str | None = None) -> None:
     """Log one decision line (see the module doc for what it holds)."""
+    if not log.isEnabledFor(level):     # most quiet calls: build nothing
+        return
     fields = {"method": member, "verdict": verdict}
     if kind:
         fields["error"] = kind

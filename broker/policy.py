@@ -8,6 +8,7 @@ Read from broker.toml (default /etc/privbroker/broker.toml):
     [limits]                      # every caller, unless a grant says otherwise
     max_live_jails = 16
     launches_per_second = 10
+    calls_per_second = 200        # all methods, per uid; no grant overrides it
 
     [[grant]]
     name = "privbroker-group"     # named in every refusal and log line
@@ -109,6 +110,11 @@ class Policy:
     limits: Limits = field(default_factory=Limits)
     daemon_store: DaemonStoreGrant = field(default_factory=DaemonStoreGrant)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    # How many calls of one uid the broker starts per second (a burst of as
+    # many first).  Calls past it wait their turn rather than fail: the bus's
+    # pending-reply limit then slows the caller itself.  It applies before a
+    # call is matched to a grant, so it is [limits]-only.
+    calls_per_second: float = 200.0
 
     def decide(self, uid: int, gids: frozenset[int], profile: str) -> Grant:
         """The first grant that covers this caller and profile, or AccessDenied."""
@@ -153,7 +159,13 @@ def parse(data: dict, where: str = "policy") -> Policy:
     _no_unknown(data, known, where)
     if "profiles_dir" not in data:
         raise PolicyError(f"{where}: profiles_dir is required")
-    limits = _limits(data.get("limits", {}), Limits(), f"{where} [limits]")
+    limits_table = data.get("limits", {})
+    _no_unknown(limits_table, {"max_live_jails", "launches_per_second", "calls_per_second"},
+                f"{where} [limits]")
+    limits = _limits(limits_table, Limits(), f"{where} [limits]")
+    calls = limits_table.get("calls_per_second", Policy.calls_per_second)
+    if not isinstance(calls, (int, float)) or isinstance(calls, bool) or calls <= 0:
+        raise PolicyError(f"{where} [limits]: calls_per_second must be positive")
     grants = tuple(_grant(g, limits, f"{where} [[grant]] #{i + 1}")
                    for i, g in enumerate(data.get("grant", [])))
     names = [g.name for g in grants]
@@ -164,7 +176,8 @@ def parse(data: dict, where: str = "policy") -> Policy:
         devices = devices_config.parse(data.get("devices", {}), f"{where} [devices]")
     except RuleConfigError as e:
         raise PolicyError(str(e)) from None
-    return Policy(str(data["profiles_dir"]), grants, limits, stores, devices=devices)
+    return Policy(str(data["profiles_dir"]), grants, limits, stores, devices=devices,
+                  calls_per_second=float(calls))
 
 
 _LAYOUT_KEYS = ("templates_dir", "run_dir", "cache_run_dir", "home_root", "user_hash_pattern")

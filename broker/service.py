@@ -21,6 +21,7 @@ from . import logs
 from .callers import CallerGone, Callers
 from .daemon_store import DaemonStoreError
 from .devices.errors import DeviceError
+from .dispatch import FairDispatch
 from .jails import BrokerError, JailCore
 from .policy import AccessDenied
 from .status import Status
@@ -81,7 +82,8 @@ def _accounting(limits: dict, stats: dict) -> dict[str, Variant]:
 
 
 class BrokerService:
-    def __init__(self, bus, core: JailCore, features: dict, stores=None, devices=None):
+    def __init__(self, bus, core: JailCore, features: dict, stores=None, devices=None,
+                 calls_per_second: float = 200.0):
         self.bus = bus
         self.core = core
         self.stores = stores            # daemon_store.DaemonStoreFront
@@ -92,6 +94,9 @@ class BrokerService:
         self.status = Status()          # status properties; cores register counts
         self.arg_names = _in_arg_names()
         self.tasks: set[asyncio.Task] = set()
+        # Calls are served in turns between callers (broker/dispatch.py).
+        self.dispatch = FairDispatch(self._start, self._refuse_backlog, rate=calls_per_second)
+        self.introspection_xml = INTROSPECTION.read_text()
         # member -> (signature accepted, handler)
         self.methods = {
             (IFACE, "Launch"): ("sasa{ss}a{uh}a{sv}", self.launch),
@@ -130,10 +135,23 @@ class BrokerService:
                           reason=f"signature ({msg.signature}), not ({signature})")
             return Message.new_error(msg, ERROR_PREFIX + "InvalidArgument",
                                      f"{msg.member} takes ({signature}), got ({msg.signature})")
-        task = asyncio.ensure_future(self._serve(msg, handler))
+        # One turn per uid once the sender is known, per connection before.
+        known = self.callers.cache.get(msg.sender)
+        self.dispatch.submit(known.uid if known else msg.sender, msg.sender or "", (msg, handler))
+        return True
+
+    def _start(self, call) -> asyncio.Task:
+        task = asyncio.ensure_future(self._serve(*call))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-        return True
+        return task
+
+    def _refuse_backlog(self, call) -> None:
+        msg, _handler = call
+        self._close_fds(msg)
+        reason = f"more than {self.dispatch.queue_limit} calls waiting"
+        self.bus.send(Message.new_error(msg, ERROR_PREFIX + "LimitExceeded", reason))
+        self._decided(msg, "refused", kind="LimitExceeded", reason=reason)
 
     async def _serve(self, msg: Message, handler) -> None:
         # The decision line is written once the reply is on its way: the
@@ -179,15 +197,17 @@ class BrokerService:
         reads and introspection only at debug), and the refusal counters."""
         if kind and verdict == "refused":
             self.status.refused(kind)
+        # Refusals and everything that changes state at info; a caller
+        # reading its own state, properties and introspection at debug.
+        quiet = msg.interface != IFACE or msg.member in _QUIET_WHEN_ALLOWED
+        level = logging.DEBUG if verdict == "allowed" and quiet else logging.INFO
+        if not log.isEnabledFor(level):
+            return
         result = None
         if msg.member == "Launch" and reply is not None and reply.body:
             result = {"jail": reply.body[0], "jail_pid": reply.body[1]}
         if extra:                     # what the device core decided and did
             result = {**(result or {}), **extra}
-        # Refusals and everything that changes state at info; a caller
-        # reading its own state, properties and introspection at debug.
-        quiet = msg.interface != IFACE or msg.member in _QUIET_WHEN_ALLOWED
-        level = logging.DEBUG if verdict == "allowed" and quiet else logging.INFO
         logs.decision(level, msg.member or "?", verdict,
                       caller=self.callers.cache.get(msg.sender), sender=msg.sender,
                       args=logs.summarize(msg.member, msg.body,
@@ -302,13 +322,18 @@ class BrokerService:
         return Message.new_method_return(msg, "a{sv}", [props])
 
     async def introspect(self, msg: Message) -> Message:
-        return Message.new_method_return(msg, "s", [INTROSPECTION.read_text()])
+        return Message.new_method_return(msg, "s", [self.introspection_xml])
 
     # -- events -------------------------------------------------------------------
     def _bus_signal(self, msg: Message) -> None:
         if (msg.sender == "org.freedesktop.DBus" and msg.member == "NameOwnerChanged"
                 and msg.body[0].startswith(":") and msg.body[2] == ""):
             name = msg.body[0]
+            unserved = self.dispatch.drop(name)
+            for call_msg, _handler in unserved:
+                self._close_fds(call_msg)
+            if unserved:
+                log.info("%s left with %d calls not yet served; dropped", name, len(unserved))
             self.callers.forget(name)
             self.core.caller_gone(name)
             if self.devices is not None:

@@ -33,6 +33,7 @@ def deployment():
     # and a grant naming a profile whose file is missing.
     toml = (ROOT / "examples" / "broker.toml").read_text()
     toml = toml.replace("launches_per_second = 20", "launches_per_second = 1000")
+    toml = toml.replace("calls_per_second = 200", "calls_per_second = 100000")
     toml += ('\n[[grant]]\nname = "root-extra"\nusers = ["root"]\n'
              'profiles = ["vanished", "exposed"]\n')
     (d / "broker.toml").write_text(toml)

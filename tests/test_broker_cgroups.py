@@ -59,6 +59,7 @@ def deployment():
         "% minijail-config-file v0\np\nn\nc = 0\ncgroup-parent = /pbt-no-such-parent\n")
     toml = (ROOT / "examples" / "broker.toml").read_text()
     toml = toml.replace("launches_per_second = 20", "launches_per_second = 1000")
+    toml = toml.replace("calls_per_second = 200", "calls_per_second = 100000")
     toml += ('\n[[grant]]\nname = "cgroup-tests"\nusers = ["root"]\n'
              'profiles = ["limited", "badparent"]\n'
              # as nobody: without a pid namespace, root would be refused
