@@ -128,7 +128,8 @@ def main() -> None:
     for name in ("bwrap", "broker", "engine", "noop"):
         if not r[name]:
             continue
-        line = f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p99 {pct(r[name], 99):7.2f} ms"
+        line = (f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p90 {pct(r[name], 90):7.2f} ms  "
+                f"p99 {pct(r[name], 99):7.2f} ms")
         if bw and name != "bwrap":
             line += f"   x{statistics.median(r[name]) / bw:.2f} of bwrap"
         print(line)

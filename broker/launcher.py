@@ -199,13 +199,17 @@ class _Launcher:
                 self.front_status = raw     # its socket end is closed: serve() ends
             elif pid in by_pid:               # anything else was an orphan: just reaped
                 jail_id, jail = by_pid[pid]
-                status = jail.reaped(raw)
+                # Exited goes out before the jail's (empty) cgroup is removed:
+                # the removal is below, in retry_cgroups.
+                status = jail.reaped(raw, defer_removal=True)
                 del self.jails[jail_id]
                 if jail.leftover is not None:
                     _log(f"jail {jail_id}: its cgroup is not empty yet; retrying")
                     self.leftover_cgroups.append(jail.leftover)
                 self.send({"event": "exited", "jail": jail_id, "code": status.code,
                            "signal": status.signal, "oom": status.oom})
+                if jail.empty_cgroup is not None:
+                    self.leftover_cgroups.append(jail.empty_cgroup)
         self.retry_cgroups()
 
     def retry_cgroups(self) -> None:

@@ -116,6 +116,15 @@ def jail_cgroups(jail_id: str) -> set[str]:
     return cgroup_dirs(f"privbroker-{jail_id}")
 
 
+def jail_cgroups_after_exit(jail_id: str) -> set[str]:
+    """The launcher sends Exited first and then removes the jail's (by then
+    empty) cgroup: what is still there a moment after Exited."""
+    deadline = time.monotonic() + 2
+    while (left := jail_cgroups(jail_id)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
 BUSY_THEN_SLEEP = ("import time\nx = bytearray(16 << 20)\nt = time.process_time()\n"
                    "while time.process_time() - t < 0.3: pass\ntime.sleep(60)")
 
@@ -151,7 +160,7 @@ def test_list_jails_shows_memory_pids_and_cpu_time(b, capsys):
     finally:
         jail.signal(9)
         jail.wait(timeout=20)
-    assert jail_cgroups(jail.jail_id) == set()            # gone with the jail
+    assert jail_cgroups_after_exit(jail.jail_id) == set()   # gone with the jail
 
 
 def test_an_oom_kill_is_what_exited_says(b, bus):
@@ -159,7 +168,7 @@ def test_an_oom_kill_is_what_exited_says(b, bus):
     status = jail.wait(timeout=30)
     assert (status.oom, status.signal, status.code) == (True, 9, None)
     assert status.shell_code == 137
-    assert jail_cgroups(jail.jail_id) == set()
+    assert jail_cgroups_after_exit(jail.jail_id) == set()
     # a plain kill -9 is not mistaken for one
     jail = b.launch("limited", ["/bin/sleep", "30"], stdin=None)
     jail.signal(9)

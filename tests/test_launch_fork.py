@@ -111,3 +111,53 @@ def test_a_signal_at_the_fork_is_handled_by_the_launcher_never_by_the_jail():
     assert p.returncode == 0, p.stderr
     forks, ran_in_child = map(int, p.stdout.split())
     assert forks > 20 and ran_in_child == 0, (forks, ran_in_child)
+
+
+DEFERRED = r"""
+import json, os, sys, time
+from broker.jail import config, launch as L
+# pid: the jail has a pid namespace and ends empty; hostpid: none, and its
+# program leaves a double-forked sleeper behind in its cgroup.
+ns = ["-p", "-v", "-l"] if sys.argv[1] == "pid" else ["-v"]
+marker = f"deferred-{os.getpid()}"
+spec = config.parse_command_line([*ns, "--own-cgroup", "--", "/bin/sh", "-c",
+                                  f"(setsid sh -c 'sleep 30; :' {marker} &) ; exit 3"])
+null = os.open("/dev/null", os.O_RDWR)
+jail = L.launch(spec, {0: null, 1: null, 2: null})
+cg = jail.cgroup
+_, raw = os.waitpid(jail.pid, 0)
+status = jail.reaped(raw, defer_removal=True)
+dirs = list(cg.dirs.values())
+out = {"code": status.code, "deferred": jail.empty_cgroup is cg,
+       "left": jail.leftover is not None,
+       "dirs_at_exit": [os.path.isdir(d) for d in dirs],
+       "members_at_exit": cg.pids() if any(os.path.isdir(d) for d in dirs) else [],
+       "sleeper_at_exit": any(marker.encode() in open(f"/proc/{p}/cmdline", "rb").read()
+                              for p in os.listdir("/proc") if p.isdigit()
+                              and os.path.exists(f"/proc/{p}/cmdline"))}
+if jail.empty_cgroup is not None:
+    out["removed"] = jail.empty_cgroup.destroy()
+out["dirs_after"] = [os.path.isdir(d) for d in dirs]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("ns", ["pid", "hostpid"])
+def test_removal_deferred_past_the_exit_only_for_an_empty_cgroup(ns):
+    """reaped(defer_removal=True) (the launcher's reap: Exited goes out
+    before the rmdir) leaves the cgroup only when nothing of the jail runs
+    in it; with a process left behind it is killed and removed before the
+    exit status is returned, as without deferral."""
+    p = subprocess.run([sys.executable, "-c", DEFERRED, ns], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["code"] == 3 and not r["left"], r
+    if ns == "pid":     # its pid 1's exit took the sleeper: empty, left for the caller
+        assert r["deferred"] and all(r["dirs_at_exit"]), r
+        assert r["members_at_exit"] == [] and not r["sleeper_at_exit"], r
+        assert r["removed"] is True
+    else:               # the sleeper was killed, the cgroup removed, before reaped returned
+        assert not r["deferred"] and not any(r["dirs_at_exit"]), r
+        assert not r["sleeper_at_exit"], r
+    assert not any(r["dirs_after"]), r
