@@ -131,10 +131,18 @@ class Jail:
         in that namespace but pid 1 (which would forward it a second time).
         Without a pid namespace only the top process is known, unless the
         jail has a cgroup: then its members are every process in it, and
-        SIGKILL is the cgroup's kill-all (no double fork escapes it)."""
+        SIGKILL is the cgroup's kill-all (no double fork escapes it).
+
+        SIGKILL with a pid namespace goes to pid 1 alone even with a
+        cgroup: the kernel then kills everything in the namespace before
+        pid 1's exit is reported, and nothing leaves a pid namespace, so at
+        the reap the cgroup is empty (and if not, _end_cgroup kills what is
+        there before the exit is reported).  That keeps the freezer's waits
+        (milliseconds, and the launcher is single-threaded) off the path of
+        every jail whose caller went away."""
         if self.status is not None:
             return
-        if self.cgroup is not None:
+        if self.cgroup is not None and not (sig == signal.SIGKILL and self.own_pid_ns):
             if sig == signal.SIGKILL:
                 self.cgroup.kill_all()
             else:
