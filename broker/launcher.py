@@ -25,6 +25,7 @@ to replies by sequence number, so launches never block the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -367,21 +368,28 @@ class LauncherClient:
         self.on_exit, self.on_lost = on_exit, on_lost
         self.seq = 0
         self.pending: dict[int, asyncio.Future] = {}
+        # Requests not yet sent, in order: (seq, data, fds).  One writer
+        # sends them: the launcher's socket queues only so many messages
+        # (SEQPACKET: net.unix.max_dgram_qlen), and a send that would block
+        # must wait its turn.  (asyncio's sock_sendall cannot be shared: a
+        # second waiting sender replaces the first one's wakeup, whose
+        # request then never went out; send_fds just failed with EAGAIN.)
+        self.outbox: collections.deque = collections.deque()
+        self._writer_waiting = False
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.sock, self._readable)
 
     async def request(self, msg: dict, fds: list[int] = ()) -> dict:
+        """Send one request and wait for its reply.  The fds must stay open
+        until the reply has come (the request may wait in the outbox)."""
         self.seq += 1
         seq = self.seq
         data = wire.encode({**msg, "seq": seq})     # WireError: too large, nothing sent
         fut = self.loop.create_future()
         self.pending[seq] = fut
-        try:
-            await self.loop.sock_sendall(self.sock, data) if not fds else \
-                socket.send_fds(self.sock, [data], list(fds))
-        except OSError as e:
-            self.pending.pop(seq, None)
-            raise LauncherFailed("lost", f"launcher unreachable: {e}") from None
+        self.outbox.append((seq, data, list(fds)))
+        if len(self.outbox) == 1:
+            self._send_queued()
         reply = await fut
         if not reply.get("ok"):
             raise LauncherFailed(reply.get("error", "failed"), reply.get("message", ""))
@@ -396,6 +404,32 @@ class LauncherClient:
                 os.close(fd)
             raise LauncherFailed("failed", "the launcher sent no pidfd")
         return fds[0]
+
+    def _send_queued(self) -> None:
+        """Send what the socket takes now, in order; wait for it to be
+        writable for the rest."""
+        while self.outbox:
+            seq, data, fds = self.outbox[0]
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
+            except BlockingIOError:
+                if not self._writer_waiting:
+                    self.loop.add_writer(self.sock, self._send_queued)
+                    self._writer_waiting = True
+                return
+            except OSError as e:
+                self.outbox.popleft()
+                fut = self.pending.pop(seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_exception(LauncherFailed("lost", f"launcher unreachable: {e}"))
+                continue
+            self.outbox.popleft()
+        if self._writer_waiting:
+            self.loop.remove_writer(self.sock)
+            self._writer_waiting = False
 
     def _readable(self) -> None:
         try:
@@ -421,6 +455,10 @@ class LauncherClient:
 
     def _lost(self) -> None:
         self.loop.remove_reader(self.sock)
+        if self._writer_waiting:
+            self.loop.remove_writer(self.sock)
+            self._writer_waiting = False
+        self.outbox.clear()
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(LauncherFailed("lost", "the launcher exited"))

@@ -164,3 +164,35 @@ def test_launcher_kills_its_jails_when_the_front_goes_away():
 def test_spec_round_trips_through_the_wire():
     s = spec("/bin/x", "a", mounts=(Bind("/", "/"),), groups=(1, 2), uid=5, gid=6)
     assert wire.spec_from_wire(wire.decode(wire.encode({"spec": wire.spec_to_wire(s)}))["spec"]) == s
+
+
+def test_a_burst_of_requests_past_the_sockets_queue_all_get_replies():
+    """More requests at once than the launcher's socket queues (SEQPACKET:
+    net.unix.max_dgram_qlen, 10 here), launches among them so that the
+    launcher falls behind: each request is sent once and answered.
+    (asyncio's sock_sendall lets a second waiting sender replace the first
+    one's wakeup, whose request then never went out: calls hung under load.)"""
+    async def main():
+        h = Harness()
+        try:
+            async def one(i):
+                try:
+                    if i % 3 == 0:
+                        r, w = os.pipe()
+                        try:
+                            return await h.client.request(
+                                {**launch_msg(f"x{i}", spec("/bin/true")), "fd_targets": [1]},
+                                [w])
+                        finally:
+                            os.close(r)
+                            os.close(w)
+                    return await h.client.request({"op": "stats", "jail": f"nosuch{i}"})
+                except launcher.LauncherFailed as e:
+                    return e.kind
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(300))), 60)
+        finally:
+            h.close()
+    results = run(main())
+    launched = [r for r in results if isinstance(r, dict)]
+    assert len(launched) == 100 and all(r["pid"] > 0 for r in launched)
+    assert results.count("not-found") == 200
