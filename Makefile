@@ -61,10 +61,12 @@ fuzz: deps
 
 # Long soak (make test runs a short one): 10,000 launches + 100,000 calls
 # against one broker, then 200 concurrent callers (half misbehaving), and
-# the fault tests; figures printed.  tests/test_soak*.py, tests/test_faults.py.
+# the fault tests, and the confused-deputy races (thousands of rounds of
+# path swaps against OpenPath, ChownDevice and MountDaemonStore); figures
+# printed.  tests/test_soak*.py, tests/test_faults.py, tests/test_deputy_*race*.py.
 soak: deps
 	PRIVBROKER_SOAK=full $(VPY) -m pytest -q -s tests/test_soak.py tests/test_soak_callers.py \
-	  tests/test_faults.py
+	  tests/test_faults.py tests/test_deputy_races.py tests/test_deputy_store_race.py
 
 bench: deps
 	$(VPY) bench/launch_latency.py

@@ -56,10 +56,19 @@ REQUEST_FIELDS = frozenset({"argv", "env_add", "cwd", "uid", "gid", "namespaces"
                             "memory_limit", "pids_limit", "cpu_weight", "cpu_quota"})
 # A request's namespaces may add only this one (the no_network option).
 ADDABLE_NAMESPACES = frozenset({"net"})
-# Environment names the dynamic loader acts on (broker/jails.py refuses them too).
+# Environment names the dynamic loader (ld.so) acts on: every LD_*, and
+# GLIBC_TUNABLES, which ld.so itself parses before the program runs (its
+# parser was the Looney Tunables overflow, CVE-2023-4911).  is_loader_env
+# decides; the front (broker/jails.py) and the launcher (below) refuse them.
 LOADER_ENV_PREFIX = "LD_"
+LOADER_ENV_NAMES = frozenset({"GLIBC_TUNABLES"})
 # cpu_weight where the profile sets none: everyone's default share.
 DEFAULT_CPU_WEIGHT = 100
+
+
+def is_loader_env(name: str) -> bool:
+    """Does the dynamic loader act on this environment name?"""
+    return name.startswith(LOADER_ENV_PREFIX) or name in LOADER_ENV_NAMES
 
 
 class ProfileError(Exception):
@@ -169,7 +178,7 @@ def _check_request_fields(base: JailSpec, spec: JailSpec) -> None:
     if not spec.argv or not spec.argv[0]:
         raise OutsideEnvelope("argv must name a program")
     for name, _ in spec.env_add:
-        if name.startswith(LOADER_ENV_PREFIX):
+        if is_loader_env(name):
             raise OutsideEnvelope(f"environment name {name!r} is not allowed")
     if spec.cwd is not None and spec.cwd != base.cwd and not spec.cwd.startswith("/"):
         raise OutsideEnvelope("cwd must be absolute")

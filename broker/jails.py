@@ -22,8 +22,8 @@ import secrets
 import time
 from dataclasses import dataclass, field, replace
 
-from .envelope import (BROKER_FORCED, DEFAULT_CPU_WEIGHT, LOADER_ENV_PREFIX, Profiles,
-                       ProfileError)
+from .envelope import (BROKER_FORCED, DEFAULT_CPU_WEIGHT, Profiles, ProfileError,
+                       is_loader_env)
 from .jail import config as jail_config
 from .jail import landlock
 from .jail.exposure import check_forbidden_intersection
@@ -35,9 +35,6 @@ MAX_ENV = 1024
 MAX_STRING = 64 * 1024
 MAX_TOTAL = 1024 * 1024
 MAX_FD_NUMBER = 1023
-# Environment names the dynamic loader acts on: a caller must never be able
-# to point a jailed program at its own code this way.
-FORBIDDEN_ENV_PREFIXES = (LOADER_ENV_PREFIX,)
 
 
 class BrokerError(Exception):
@@ -234,7 +231,8 @@ def check_request(argv: list[str], env: dict[str, str], fds: dict[int, int]) -> 
     for name in env:
         if not name or "=" in name:
             raise invalid(f"environment name {name!r} is empty or contains '='")
-        if name.startswith(FORBIDDEN_ENV_PREFIXES):
+        # a caller must never point a jailed program's loader at its own code
+        if is_loader_env(name):
             raise BrokerError("AccessDenied", f"environment name {name!r} is not allowed "
                               f"(the dynamic loader acts on it)")
     for n in fds:

@@ -64,6 +64,8 @@ def deployment(tree, users):
     L = tree.layout
     (d / "broker.toml").write_text(f"""
 profiles_dir = "profiles"
+[limits]
+calls_per_second = 100000     # test_deputy_store_race.py calls back to back
 
 [[grant]]
 name = "daemons"
@@ -88,15 +90,18 @@ def bus(users):
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment, tree):
+    # The log goes to a file: a pipe nobody drains stops the broker once it
+    # fills (test_deputy_store_race.py's thousands of rounds did).
+    log = open(deployment / "broker.log", "w+")
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
                              sys.executable, "-m", "broker", "--bus-address", bus.address,
                              "--config", str(deployment / "broker.toml")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=log, text=True)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if busctl(bus, "status", BUS_NAME).returncode == 0:
             break
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, (deployment / "broker.log").read_text()
         time.sleep(0.1)
     else:
         pytest.fail("privbrokerd did not own its name")

@@ -26,6 +26,8 @@ OBJ = "/org/privbroker/Broker1"
 
 CONFIG = """
 profiles_dir = "{root}/profiles"
+[limits]
+calls_per_second = 100000     # the race loops (test_deputy_races.py) call back to back
 [[grant]]
 name = "device-users"
 users = ["root"]

@@ -29,7 +29,10 @@ from test_broker import broker, bus  # noqa: F401 - fixtures
 
 FULL = os.environ.get("PRIVBROKER_SOAK") == "full"
 SECONDS = 20.0 if FULL else 3.0
-GOOD_PROCS, GOOD_CONNS = (20, 5) if FULL else (4, 3)
+# A well-behaved uid never has more than GOOD_CONNS jails at once (each
+# connection waits for its jail's exit): at most MAX_LIVE, or the good would
+# hit their own live-jail limit (the full run's 20 x 5 did, 256 times).
+GOOD_PROCS, GOOD_CONNS = (25, 4) if FULL else (4, 3)
 BAD_KINDS = tuple(os.environ.get("PRIVBROKER_SOAK_BAD_KINDS",
                                   "vanish,garbage,flood,hog_live,hog_rate").split(","))
 BAD_PROCS, BAD_CONNS = (4, 5) if FULL else (1, 2)   # per kind; hogs: one uid each
@@ -38,15 +41,24 @@ CALLER = Path(__file__).resolve().parent / "soak_caller.py"
 
 
 @pytest.fixture(scope="module")
-def deployment():
+def deployment(users):
     """The sample deployment with small per-caller limits, so that the hogs
-    reach them."""
+    reach them.  The hog_rate users have a grant of their own, first, whose
+    live-jail limit never binds: under load a launch takes about a second,
+    so with max_live_jails = MAX_LIVE a uid could never launch RATE a second
+    and the rate limit would go untested (the full run saw 0 rate refusals)."""
     d = Path(tempfile.mkdtemp(prefix="privbroker-soak-", dir="/var/tmp"))
     os.chmod(d, 0o755)
     shutil.copytree(ROOT / "examples" / "profiles", d / "profiles")
     toml = (ROOT / "examples" / "broker.toml").read_text()
     toml = toml.replace("max_live_jails = 16", f"max_live_jails = {MAX_LIVE}")
     toml = toml.replace("launches_per_second = 20", f"launches_per_second = {RATE}")
+    rate_hogs = ", ".join(f'"{u.name}"' for kind, u in _assign(users) if kind == "hog_rate")
+    first = toml.index("[[grant]]")
+    if rate_hogs:
+        toml = (toml[:first] + f'[[grant]]\nname = "rate-hogs"\nusers = [{rate_hogs}]\n'
+                f'profiles = ["minimal"]\nmax_live_jails = 1000\n'
+                f'launches_per_second = {RATE}\n\n' + toml[first:])
     (d / "broker.toml").write_text(toml)
     yield d
     shutil.rmtree(d, ignore_errors=True)
@@ -60,6 +72,13 @@ def users():
     with ExitStack() as stack:
         yield [stack.enter_context(ThrowawayUser(groups=["privbroker"], prefix="pbsoak"))
                for _ in range(n)]
+
+
+def _assign(users) -> list[tuple[str, object]]:
+    """(kind, user) for every caller process: the well-behaved first."""
+    rest = iter(users[GOOD_PROCS:])
+    return ([("good", u) for u in users[:GOOD_PROCS]]
+            + [(kind, next(rest)) for kind in BAD_KINDS for _ in range(BAD_PROCS)])
 
 
 def _run_phase(bus, kinds: list[tuple[str, object]], marker: str, sample=None) -> list[dict]:
@@ -114,9 +133,8 @@ def phases(bus, broker, users):
     """The quiet phase (well-behaved callers alone), then the loaded one
     (the same beside the misbehaving), once for the module's tests."""
     marker = f"soak-callers-{os.getpid()}-{time.monotonic_ns()}"
-    good = [("good", u) for u in users[:GOOD_PROCS]]
-    rest = iter(users[GOOD_PROCS:])
-    bad = [(kind, next(rest)) for kind in BAD_KINDS for _ in range(BAD_PROCS)]
+    good = [a for a in _assign(users) if a[0] == "good"]
+    bad = [a for a in _assign(users) if a[0] != "good"]
     quiet, _ = _run_phase(bus, good, marker)
     loaded, samples = _run_phase(bus, good + bad, marker,
                                  sample=lambda: _live_jails_by_uid(marker))
