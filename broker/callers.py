@@ -4,10 +4,17 @@ For every sender the broker asks the bus (GetConnectionCredentials): the uid
 and groups decide identity; anything that refers to the caller's process uses
 a pidfd, never a bare pid.  Where the bus hands out a ProcessFD (newer
 dbus-daemon, dbus-broker) that is the pidfd.  Debian 12's dbus-daemon 1.14
-does not, so the broker opens the pidfd itself and then asks the bus again
-for the connection's pid: if the connection still exists with that pid after
-the pidfd was opened, the pidfd names the caller's process and not a recycled
-pid.  Entries are cached per unique name and dropped when the name goes away.
+does not: it gives the pid of the process that opened the connection, as it
+was then.  So the broker opens a pidfd for that pid and checks two things:
+the bus still has the connection with that pid (asked again after the open),
+and the process the pidfd names runs as the connection's uid.  A process
+that opened a connection, handed it to a child and exited may have its pid
+recycled by another user's process before the broker asks
+(tests/test_deputy_launch.py): then no process of the caller's can be
+named, the pidfd is dropped and the caller has none (pid 0); its identity,
+the bus's uid, is unaffected.  A recycling by a process of the same uid
+cannot be told apart; it is the same principal.  Entries are cached per
+unique name and dropped when the name goes away.
 """
 from __future__ import annotations
 
@@ -27,11 +34,11 @@ class Caller:
     name: str               # unique bus name, e.g. ":1.42"
     uid: int
     gids: frozenset[int]
-    pid: int
-    pidfd: int              # owned by the Callers cache
+    pid: int                # 0: the connection's opener is gone (see above)
+    pidfd: int              # owned by the Callers cache; -1 with pid 0
 
     def describe(self) -> str:
-        return f"uid={self.uid} pid={self.pid} name={self.name}"
+        return f"uid={self.uid} pid={self.pid or 'gone'} name={self.name}"
 
 
 def _dbus_call(member: str, signature: str = "", body=()) -> Message:
@@ -40,12 +47,19 @@ def _dbus_call(member: str, signature: str = "", body=()) -> Message:
                    signature=signature, body=list(body))
 
 
-async def _pidfd_open(pid: int) -> int:
-    return os.pidfd_open(pid)
+async def _pidfd_open(pid: int) -> tuple[int, int]:
+    from .launcher import pidfd_uid
+    fd = os.pidfd_open(pid)
+    try:
+        return fd, pidfd_uid(pid, fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class Callers:
-    """`open_pidfd(pid)`: how to get a pidfd for a pid the bus reported.  The
+    """`open_pidfd(pid)`: how to get a pidfd for a pid the bus reported, and
+    the uid its process runs as.  The
     front lives in a pid namespace of its own, where the bus's pids mean
     nothing, so privbrokerd passes the launcher's (LauncherClient.pidfd);
     a process in the bus's pid namespace can use pidfd_open(2) itself."""
@@ -77,7 +91,8 @@ class Callers:
         caller = fut.result()
         if sender in self._gone:         # its name went away meanwhile: nothing to keep
             self._gone.discard(sender)
-            os.close(caller.pidfd)
+            if caller.pidfd >= 0:
+                os.close(caller.pidfd)
         else:
             self.cache[sender] = caller
 
@@ -94,23 +109,30 @@ class Callers:
                 if extra != pidfd:
                     os.close(extra)
         else:
-            pidfd = await self._pidfd_checked(sender, pid)
+            pidfd = await self._pidfd_checked(sender, pid, uid)
+            if pidfd < 0:
+                pid = 0
         return Caller(sender, uid, gids, pid, pidfd)
 
-    async def _pidfd_checked(self, sender: str, pid: int) -> int:
+    async def _pidfd_checked(self, sender: str, pid: int, uid: int) -> int:
+        """The pidfd of the connection's opener, or -1 if its pid now names
+        another user's process (the opener exited; see the module doc)."""
         try:
-            pidfd = await self.open_pidfd(pid)
+            pidfd, pid_uid = await self.open_pidfd(pid)
         except Exception:
             raise CallerGone(f"{sender}: process {pid} is gone") from None
         again = await self.bus.call(_dbus_call("GetConnectionUnixProcessID", "s", [sender]))
         if again.message_type == MessageType.ERROR or again.body[0] != pid:
             os.close(pidfd)
             raise CallerGone(f"{sender}: connection went away while being identified")
+        if pid_uid != uid:
+            os.close(pidfd)
+            return -1
         return pidfd
 
     def forget(self, name: str) -> None:
         caller = self.cache.pop(name, None)
-        if caller is not None:
+        if caller is not None and caller.pidfd >= 0:
             os.close(caller.pidfd)
         elif name in self._asking:
             self._gone.add(name)

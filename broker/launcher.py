@@ -172,7 +172,12 @@ class _Launcher:
             fd = os.pidfd_open(pid)
         except OSError as e:
             return {"ok": False, "error": "not-found", "message": f"pid {pid}: {e.strerror}"}
-        return {"ok": True, "_fds": [fd]}
+        try:
+            uid = pidfd_uid(pid, fd)
+        except OSError as e:
+            os.close(fd)
+            return {"ok": False, "error": "not-found", "message": f"pid {pid}: {e.strerror}"}
+        return {"ok": True, "uid": uid, "_fds": [fd]}
 
     def daemon_store(self, msg: dict, fds: list[int]) -> dict:
         if fds:
@@ -287,6 +292,17 @@ def _log(text: str) -> None:
         pass
 
 
+def pidfd_uid(pid: int, pidfd: int) -> int:
+    """The real uid of the process `pidfd` refers to (opened for `pid`).
+    /proc/<pid> is read first and the process checked alive after: while it
+    lives its pid cannot name another process, so what was read was its.
+    OSError (ESRCH) when it is gone."""
+    with open(f"/proc/{pid}/status") as f:
+        uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+    signal.pidfd_send_signal(pidfd, 0)
+    return uid
+
+
 def start(envelope: Envelope,
           layout: daemon_store.Layout | None = None) -> tuple[int, socket.socket]:
     """Fork a launcher as a child; return (its pid, the front's end of the
@@ -395,15 +411,16 @@ class LauncherClient:
             raise LauncherFailed(reply.get("error", "failed"), reply.get("message", ""))
         return reply
 
-    async def pidfd(self, pid: int) -> int:
-        """A pidfd for `pid` in the launcher's (the host's) pid namespace."""
+    async def pidfd(self, pid: int) -> tuple[int, int]:
+        """A pidfd for `pid` in the launcher's (the host's) pid namespace,
+        and the real uid of the process it refers to."""
         reply = await self.request({"op": "pidfd", "pid": pid})
         fds = reply.get("fds", [])
-        if len(fds) != 1:
+        if len(fds) != 1 or type(reply.get("uid")) is not int:
             for fd in fds:
                 os.close(fd)
             raise LauncherFailed("failed", "the launcher sent no pidfd")
-        return fds[0]
+        return fds[0], reply["uid"]
 
     def _send_queued(self) -> None:
         """Send what the socket takes now, in order; wait for it to be

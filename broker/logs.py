@@ -126,7 +126,8 @@ def decision(level: int, member: str, verdict: str, caller=None, sender: str | N
     if kind:
         fields["error"] = kind
     if caller is not None:
-        fields.update(uid=caller.uid, pid=caller.pid, sender=caller.name)
+        # pid 0: the process that opened the connection is gone (callers.py)
+        fields.update(uid=caller.uid, pid=caller.pid or "gone", sender=caller.name)
     elif sender:
         fields["sender"] = sender
     fields.update(args or {})

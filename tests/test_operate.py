@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def test_one_decision_line_per_call_without_secrets(bus, broker):
     for part in ("uid=0", "pid=", "sender=:", "profile=minimal", "argc=2", "jail=",
                  "jail_pid="):
         assert part in line, line
+    assert re.search(r" pid=[1-9][0-9]* ", line), line    # the caller's process, named
     refused = [ln for ln in lines if "verdict=refused" in ln and "ungranted-xyz" in ln]
     assert len(refused) == 1, lines
     assert "error=AccessDenied" in refused[0] and "reason=" in refused[0]

@@ -314,16 +314,17 @@ def test_malformed_bytes_are_refused_and_logged(capfd, data, expect):
 def test_the_launcher_hands_out_pidfds_only_for_live_pids():
     with harness() as h:
         async def main():
-            fd = await h.client.pidfd(os.getpid())
+            fd, uid = await h.client.pidfd(os.getpid())
             try:
                 info = Path(f"/proc/self/fdinfo/{fd}").read_text()
             finally:
                 os.close(fd)
             with pytest.raises(launcher.LauncherFailed) as e:
                 await h.client.pidfd(2 ** 22 + 1)          # above pid_max: no such pid
-            return info, e.value
-        info, err = asyncio.get_event_loop().run_until_complete(main())
+            return info, uid, e.value
+        info, uid, err = asyncio.get_event_loop().run_until_complete(main())
     assert f"Pid:\t{os.getpid()}" in info
+    assert uid == os.getuid()           # the uid its process runs as, with the pidfd
     assert err.kind == "not-found"
 
 
