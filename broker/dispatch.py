@@ -9,11 +9,7 @@ after the calls just started have had their turn on the loop.
 
 A caller is its uid once the broker knows it, its connection before that
 (the first call of a connection is what identifies it), so one user's many
-connections share one turn.  Connections not yet identified ("newcomers")
-have at most `newcomers_in_service` calls in service between them: a caller
-that churns connections (connect, call, vanish) cannot make the broker
-identify them all at once, and a newcomer that left before its turn is
-dropped unserved.  Per caller:
+connections share one turn.  Per caller:
   - at most `in_service` calls started and not finished (launches and
     lookups wait on the launcher or the bus): more would fill the loop again;
   - at most `rate` calls started per second, after a burst of as many:
@@ -50,32 +46,26 @@ class FairDispatch:
     def __init__(self, start: Callable[[Any], asyncio.Future],
                  refuse: Callable[[Any], None], in_service: int = 4,
                  rate: float = 200.0, queue_limit: int = 256,
-                 newcomers_in_service: int = 8,
                  clock: Callable[[], float] = time.monotonic):
         self._start = start          # item -> the task that serves it
         self._refuse = refuse        # item -> answered at once: over queue_limit
         self.in_service = in_service
-        self.newcomers_in_service = newcomers_in_service
         self.rate = rate
         self.queue_limit = queue_limit
         self._clock = clock
         self._queued: dict[Hashable, deque] = {}   # caller -> (sender, item) not started
         self._busy: dict[Hashable, int] = {}       # caller -> started, not finished
-        self._newcomers: set = set()               # callers keyed by a connection
-        self._newcomers_busy = 0
         self._buckets: dict[Hashable, _Bucket] = {}
         self._turns: deque = deque()               # callers with queued calls, in turn order
         self._senders: dict[str, dict] = {}        # sender -> {caller: calls queued}
         self._pass_handle: asyncio.Handle | None = None
         self._pass_soon = False
 
-    def submit(self, caller: Hashable, sender: str, item: Any, newcomer: bool = False) -> None:
+    def submit(self, caller: Hashable, sender: str, item: Any) -> None:
         queue = self._queued.get(caller)
         if queue is None:
             queue = self._queued[caller] = deque()
             self._turns.append(caller)
-        if newcomer:
-            self._newcomers.add(caller)
         if len(queue) >= self.queue_limit:
             self._refuse(item)
             return
@@ -98,8 +88,6 @@ class FairDispatch:
                 del self._queued[caller]
                 self._turns.remove(caller)
         self._buckets.pop(sender, None)      # a connection-keyed caller is gone for good
-        if sender not in self._busy:
-            self._newcomers.discard(sender)
         return dropped
 
     def queued(self) -> int:
@@ -125,19 +113,13 @@ class FairDispatch:
         for _ in range(len(self._turns)):
             caller = self._turns.popleft()
             queue = self._queued[caller]
-            if self._has_room(caller) and self._take_token(caller, now):
+            if self._busy.get(caller, 0) < self.in_service and self._take_token(caller, now):
                 self._begin(caller, *queue.popleft())
             if queue:
                 self._turns.append(caller)
             else:
                 del self._queued[caller]
         self._schedule_next(now)
-
-    def _has_room(self, caller: Hashable) -> bool:
-        if self._busy.get(caller, 0) >= self.in_service:
-            return False
-        return caller not in self._newcomers or \
-            self._newcomers_busy < self.newcomers_in_service
 
     def _take_token(self, caller: Hashable, now: float) -> bool:
         bucket = self._buckets.get(caller)
@@ -155,7 +137,7 @@ class FairDispatch:
         service to finish (_finished schedules then)."""
         token_wait = None
         for caller in self._turns:
-            if not self._has_room(caller):
+            if self._busy.get(caller, 0) >= self.in_service:
                 continue
             missing = 1.0 - self._buckets[caller].tokens if caller in self._buckets else 0.0
             if missing <= 0:
@@ -185,8 +167,6 @@ class FairDispatch:
         else:
             where[caller] -= 1
         self._busy[caller] = self._busy.get(caller, 0) + 1
-        if caller in self._newcomers:
-            self._newcomers_busy += 1
         task = self._start(item)
         task.add_done_callback(lambda _t: self._finished(caller))
 
@@ -196,9 +176,5 @@ class FairDispatch:
             self._busy[caller] = left
         else:
             del self._busy[caller]
-        if caller in self._newcomers:
-            self._newcomers_busy -= 1
-            if not left and caller not in self._queued:
-                self._newcomers.discard(caller)     # idle: nothing to count any more
-        if self._turns:                  # this caller, or a newcomer, may have room now
+        if caller in self._queued:
             self._schedule_pass(0.0)

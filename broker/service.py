@@ -137,8 +137,7 @@ class BrokerService:
                                      f"{msg.member} takes ({signature}), got ({msg.signature})")
         # One turn per uid once the sender is known, per connection before.
         known = self.callers.cache.get(msg.sender)
-        self.dispatch.submit(known.uid if known else msg.sender, msg.sender or "", (msg, handler),
-                             newcomer=known is None)
+        self.dispatch.submit(known.uid if known else msg.sender, msg.sender or "", (msg, handler))
         return True
 
     def _start(self, call) -> asyncio.Task:

@@ -169,26 +169,3 @@ def test_calls_past_the_rate_wait_and_are_started_later():
     assert len(everything) == 31 and refused == []
     assert 0.4 <= took < 1.5, took
     assert [x for x in everything if x != "other"] == list(range(30))
-
-
-def test_newcomers_share_a_bound_and_one_that_left_is_never_served():
-    async def main():
-        r = Recorder()
-        d = FairDispatch(r.start, r.refuse, in_service=4, newcomers_in_service=2)
-        for i in range(6):                   # six new connections, one call each
-            r.gates[("new", i)] = asyncio.Event()
-            d.submit(f":1.{i}", f":1.{i}", ("new", i), newcomer=True)
-        d.submit(1000, ":1.99", ("known", 0))     # an identified caller is not held up
-        await _settle()
-        first = list(r.started)
-        d.drop(":1.3")                       # left while waiting
-        for i in range(6):
-            r.gates[("new", i)].set()
-            await _settle()
-        return first, r.started
-    first, everything = _run(main())
-    assert sorted(x for x in first if x[0] == "new") == [("new", 0), ("new", 1)]
-    assert ("known", 0) in first
-    assert ("new", 3) not in everything
-    assert sorted(x for x in everything if x[0] == "new") == \
-        [("new", 0), ("new", 1), ("new", 2), ("new", 4), ("new", 5)]
