@@ -251,11 +251,16 @@ class Broker:
         self._run(self.aio.release_device(lease_id))
 
     def close(self) -> None:
+        """Idempotent: a second close returns at once (it used to wait
+        forever for the stopped loop to run it)."""
+        if self.loop.is_closed():
+            return
         async def _close():
             self.aio.close()
         self._run(_close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        self.loop.close()
 
     def __enter__(self):
         return self

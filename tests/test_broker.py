@@ -328,3 +328,19 @@ def test_a_forged_exited_signal_is_ignored(bus, broker, aio_broker):
         jail.wait(timeout=0.5)
     jail.signal(9)
     assert jail.wait(timeout=20).signal == 9
+
+
+def test_closing_a_client_twice_returns(bus, broker):
+    """The blocking client's close() is idempotent (a second call used to
+    wait forever on the stopped loop)."""
+    import threading
+    from client import Broker
+    b = Broker(bus.address)
+    assert b.jails() == []
+    b.close()
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (b.close(), done.set()), daemon=True)
+    t.start()
+    assert done.wait(5), "the second close() hung"
+    with b:            # a with-block after an explicit close: closes once more, fine
+        pass
