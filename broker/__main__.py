@@ -186,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     devices.replay()    # nodes a crashed run left leased, restored before anyone can ask
     envelope = Envelope(pol)            # what the launcher will start: read now, as root
-    cgroup_parent = launcher.claim_cgroup()
+    # In the host's view too: the unit's ProtectControlGroups= makes our
+    # /sys/fs/cgroup read-only, and the leaf could not be made (EROFS): on
+    # cgroup v2 every jail with a cgroup then failed (found under systemd in
+    # the VM, tests/test_vm_systemd.py). The move into the leaf holds for
+    # the front forked below as well (membership is not per namespace).
+    with hostns.entered(host_ns):
+        cgroup_parent = launcher.claim_cgroup()
     front_sock, launcher_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     front_pid = _fork_front()
     if front_pid == 0:

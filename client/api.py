@@ -65,6 +65,18 @@ class AsyncBroker:
         self.bus = MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM,
                               negotiate_unix_fd=True)
         await self.bus.connect()
+        # The first call of a boot starts the broker (D-Bus activation,
+        # systemd/org.privbroker.Broker1.service), but GetNameOwner below
+        # never activates anything: ask the bus to start it first. A no-op
+        # when the name is owned; ServiceUnknown where no activation file is
+        # installed (a broker started by hand, the tests' private buses),
+        # and then GetNameOwner says whether anyone owns the name.
+        try:
+            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus",
+                             "org.freedesktop.DBus", "StartServiceByName", "su", [BUS_NAME, 0])
+        except BrokerCallError as e:
+            if e.name != "org.freedesktop.DBus.Error.ServiceUnknown":
+                raise
         # Anyone on the system bus may send signals: only Exited from the
         # connection that owns the broker's name counts.
         (self.broker_name,) = await self._call(
@@ -73,6 +85,12 @@ class AsyncBroker:
         self.bus.add_message_handler(self._on_message)
         await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
                          "AddMatch", "s", [f"type='signal',interface='{IFACE}',member='Exited'"])
+        # A broker that stops or crashes sends no Exited for the jails it
+        # takes with it (KillMode=mixed): without this, wait() would never end
+        # (seen under systemd in the VM, tests/test_vm_systemd.py).
+        await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                         "AddMatch", "s", ["type='signal',sender='org.freedesktop.DBus',"
+                                           "member='NameOwnerChanged',arg0='" + BUS_NAME + "'"])
         return self
 
     def close(self) -> None:
@@ -80,6 +98,11 @@ class AsyncBroker:
             self.bus.disconnect()
 
     def _on_message(self, msg: Message):
+        if (msg.message_type == MessageType.SIGNAL and msg.sender == "org.freedesktop.DBus"
+                and msg.member == "NameOwnerChanged" and msg.body[:2] == [BUS_NAME,
+                                                                         self.broker_name]):
+            self._broker_gone()
+            return None
         if (msg.message_type == MessageType.SIGNAL and msg.interface == IFACE
                 and msg.member == "Exited" and msg.sender == self.broker_name):
             jail_id, code, sig = msg.body
@@ -90,6 +113,14 @@ class AsyncBroker:
             self._exit_future(jail_id).set_result(status) \
                 if not self._exit_future(jail_id).done() else None
         return None
+
+    def _broker_gone(self) -> None:
+        """Every jail still waited for ended with the broker: say so."""
+        for future in self.exits.values():
+            if not future.done():
+                future.set_exception(BrokerCallError(
+                    "org.freedesktop.DBus.Error.NameHasNoOwner",
+                    "the broker left the bus (stopped or crashed); its jails ended with it"))
 
     def _exit_future(self, jail_id: str) -> asyncio.Future:
         if jail_id not in self.exits:

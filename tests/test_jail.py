@@ -440,6 +440,18 @@ def test_mount_dev_alone():
     assert "null" in r.report["dev_entries"] and "sda" not in r.report["dev_entries"]
 
 
+def test_binds_into_a_minimal_dev_land_on_it():
+    """-d with a bind into /dev (minimalistic-mountns's -b /dev/log wherever
+    journald runs): the bind is made on the minimal /dev once it is built,
+    its destination created there, not refused nor hidden under the tmpfs."""
+    r = privjail("-v", "-P", "/var/empty", "-b", "/", "-b", "/proc", "-d",
+                 "-b", "/dev/zero,/dev/log")
+    assert r.rc == 0, r.stderr
+    mp = mountpoints(r.report)
+    assert mp["/dev"]["fstype"] == "tmpfs" and "/dev/log" in mp
+    assert "log" in r.report["dev_entries"] and "null" in r.report["dev_entries"]
+
+
 def test_tmpfs_tmp_with_size():
     m = mountpoints(privjail("-v", "-t16M").report)["/tmp"]
     assert m["fstype"] == "tmpfs" and "size=16384k" in m["super_options"]

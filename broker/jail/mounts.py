@@ -71,13 +71,18 @@ def setup_filesystem(spec: JailSpec) -> None:
     tree = _Tree(new_root or "/")
     if spec.pivot_root:
         _bind_root_onto_itself(spec.pivot_root)
+    # With a minimal /dev (-d), what goes into /dev (minimalistic-mountns's
+    # -b /dev/log, a -b /dev/NODE) goes onto it, after it is built: before,
+    # the tmpfs would cover it, or (the journal's /dev/log under systemd,
+    # found in the VM, tests/test_vm_systemd.py) its destination is missing.
+    later = [m for m in spec.mounts if spec.mount_dev and _in_dev(m.dest)]
     for m in spec.mounts:
-        if isinstance(m, Bind):
-            bind(tree, m)
-        else:
-            fs_mount(tree, m)
+        if m not in later:
+            mount_one(tree, m)
     if spec.mount_dev:
         build_dev(tree)
+        for m in later:
+            mount_one(tree, m)
     if spec.tmpfs_tmp_size is not None:
         mount_tmp(tree, spec.tmpfs_tmp_size)
     if spec.pivot_root:
@@ -87,6 +92,18 @@ def setup_filesystem(spec: JailSpec) -> None:
         os.chdir("/")
     if spec.has("pid") or spec.remount_proc_ro:
         mount_proc(read_only=spec.remount_proc_ro)
+
+
+def _in_dev(dest: str) -> bool:
+    path = os.path.normpath("/" + dest.lstrip("/"))   # normpath keeps a leading "//"
+    return path.startswith("/dev/")
+
+
+def mount_one(tree: _Tree, m: Bind | Mount) -> None:
+    if isinstance(m, Bind):
+        bind(tree, m)
+    else:
+        fs_mount(tree, m)
 
 
 def set_propagation(mode: str) -> None:
