@@ -136,7 +136,9 @@ def test_list_jails_shows_memory_pids_and_cpu_time(b, capsys):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             (j,) = b.jails()
-            if j.get("cpu_usec", 0) >= 250_000:
+            # both: on a slow machine (tests/test_vm_cgroup2.py's VM) Python's
+            # start alone takes 0.25 s of CPU, before the 16M are touched
+            if j.get("cpu_usec", 0) >= 250_000 and j.get("memory_bytes", 0) >= 16 << 20:
                 break
             time.sleep(0.1)
         assert j["jail_id"] == jail.jail_id
@@ -283,6 +285,9 @@ def test_a_cgroup_that_cannot_be_made_is_a_named_error_and_leaves_nothing(b):
         b.launch("badparent", ["/bin/true"], stdin=None)
     assert e.value.name == "org.privbroker.Error.Failed"
     assert "jail setup failed at step 'cgroup'" in e.value.message
-    assert "/pbt-no-such-parent/privbroker-" in e.value.message
+    # v1: the jail's directory cannot be made; v2: the parent's controllers
+    # cannot be enabled, the parent is named
+    assert "/pbt-no-such-parent/privbroker-" in e.value.message or \
+        "No such file or directory (/sys/fs/cgroup/pbt-no-such-parent)" in e.value.message
     assert b.jails() == []
     # (a create that fails halfway takes back what it made: test_cgroups.py)

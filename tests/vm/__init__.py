@@ -1,0 +1,1 @@
+"""The VM harness (harness.py) and what runs inside the VM."""
