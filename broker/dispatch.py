@@ -45,7 +45,7 @@ class _Bucket:
 class FairDispatch:
     def __init__(self, start: Callable[[Any], asyncio.Future],
                  refuse: Callable[[Any], None], in_service: int = 4,
-                 rate: float = 200.0, queue_limit: int = 256,
+                 rate: float = 200.0, queue_limit: int = 1024,
                  clock: Callable[[], float] = time.monotonic):
         self._start = start          # item -> the task that serves it
         self._refuse = refuse        # item -> answered at once: over queue_limit
