@@ -29,6 +29,8 @@ Not a conftest: the tests import what they use from here.
 """
 from __future__ import annotations
 
+import contextlib
+
 import grp
 import pwd
 import os
@@ -307,6 +309,19 @@ def ensure_front_user(name: str, gid: int) -> bool:
 
 def remove_group(name: str) -> None:
     subprocess.run(["groupdel", name], capture_output=True)
+
+
+@contextlib.contextmanager
+def granted_bus(group: str = "privbroker"):
+    """A private bus, and the group the sample policy grants (added for the
+    while if it was missing): the broker tests' `bus` fixture."""
+    _, created = ensure_group(group)
+    try:
+        with PrivateBus() as b:
+            yield b
+    finally:
+        if created:
+            remove_group(group)
 
 
 _counter = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JAIL_PYTHON, PROBE, ROOT, processes_with
-from dbus_fixture import NOBODY_UID, NOGROUP_GID, PrivateBus, ThrowawayUser, ensure_group
+from dbus_fixture import NOBODY_UID, NOGROUP_GID, ThrowawayUser, granted_bus
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -46,11 +46,8 @@ def deployment():
 
 @pytest.fixture(scope="module")
 def bus():
-    _, created = ensure_group("privbroker")
-    with PrivateBus() as b:
+    with granted_bus() as b:
         yield b
-    if created:
-        subprocess.run(["groupdel", "privbroker"], capture_output=True)
 
 
 @pytest.fixture(scope="module")

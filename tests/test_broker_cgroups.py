@@ -15,7 +15,7 @@ import pytest
 
 from broker.jail import cgroups
 from conftest import JAIL_PYTHON, ROOT, processes_with
-from dbus_fixture import PrivateBus, ensure_group
+from dbus_fixture import granted_bus
 from test_cgroups import ESCAPE, alive, cgroup_dirs
 
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -73,11 +73,8 @@ def deployment():
 
 @pytest.fixture(scope="module")
 def bus():
-    _, created = ensure_group("privbroker")
-    with PrivateBus() as b:
+    with granted_bus() as b:
         yield b
-    if created:
-        subprocess.run(["groupdel", "privbroker"], capture_output=True)
 
 
 @pytest.fixture(scope="module")

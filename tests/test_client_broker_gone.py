@@ -14,18 +14,15 @@ import time
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus, ensure_group
+from dbus_fixture import granted_bus
 
 BUS_NAME = "org.privbroker.Broker1"
 
 
 @pytest.fixture
 def bus():
-    _, created = ensure_group("privbroker")
-    with PrivateBus() as b:
+    with granted_bus() as b:
         yield b
-    if created:
-        subprocess.run(["groupdel", "privbroker"], capture_output=True)
 
 
 def start_broker(bus) -> subprocess.Popen:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus, ThrowawayUser, ensure_group, popen_as
+from dbus_fixture import PrivateBus, ThrowawayUser, popen_as, granted_bus
 from udev_tree import make_node, sample
 
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -117,11 +117,8 @@ def start_broker(bus, config: Path, log: Path) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def bus():
-    _, created = ensure_group("privbroker")
-    with PrivateBus() as b:
+    with granted_bus() as b:
         yield b
-    if created:
-        subprocess.run(["groupdel", "privbroker"], capture_output=True)
 
 
 @pytest.fixture(scope="module")

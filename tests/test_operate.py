@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus, ensure_group
+from dbus_fixture import granted_bus
 
 BUS_NAME = "org.privbroker.Broker1"
 OBJ = "/org/privbroker/Broker1"
@@ -46,11 +46,8 @@ def deployment():
 
 @pytest.fixture(scope="module")
 def bus():
-    _, created = ensure_group("privbroker")
-    with PrivateBus() as b:
+    with granted_bus() as b:
         yield b
-    if created:
-        subprocess.run(["groupdel", "privbroker"], capture_output=True)
 
 
 @pytest.fixture(scope="module")
