@@ -50,6 +50,11 @@ def arena(world, alice):
     os.chown(own, alice.uid, alice.gid)
     os.chmod(own, 0o644)
     yield u
+    _empty(u)
+    u.rmdir()
+
+
+def _empty(u) -> None:
     for name in os.listdir(u):
         p = u / name
         if p.is_dir() and not p.is_symlink():
@@ -58,19 +63,11 @@ def arena(world, alice):
             p.rmdir()
         else:
             p.unlink()
-    u.rmdir()
 
 
 def _setup(world, u, variant: str) -> str:
     """Make x and alt for one variant; the path the caller asks for."""
-    for name in os.listdir(u):
-        p = u / name
-        if p.is_dir() and not p.is_symlink():
-            for q in p.iterdir():
-                q.unlink()
-            p.rmdir()
-        else:
-            p.unlink()
+    _empty(u)
     hid = world / "dev" / "hidraw0"
     if variant == "dir-swap":
         (u / "x").mkdir()

@@ -64,11 +64,8 @@ MUST_PASS = [
 
 @pytest.fixture(scope="module")
 def vm_run():
-    from vm.harness import Vm, VmUnavailable
-    try:
-        vm = Vm()
-    except VmUnavailable as e:
-        pytest.skip(f"no VM here: {e}")
+    from vm.harness import vm_or_skip
+    vm = vm_or_skip()
     jobdir = Path(tempfile.mkdtemp(prefix="privbroker-vm-cgroup2-"))
     job = {"mode": "run", "cwd": str(ROOT),
            "argv": [str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",

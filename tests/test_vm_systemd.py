@@ -91,11 +91,8 @@ EXPECTED = [
 
 @pytest.fixture(scope="module")
 def run():
-    from vm.harness import Vm, VmUnavailable
-    try:
-        vm = Vm()
-    except VmUnavailable as e:
-        pytest.skip(f"no VM here: {e}")
+    from vm.harness import vm_or_skip
+    vm = vm_or_skip()
     jobdir = Path(tempfile.mkdtemp(prefix="privbroker-vm-systemd-"))
     build = jobdir / "deb"
     r = subprocess.run(["make", "-C", str(ROOT), "deb", f"DEB_BUILD={build}"],

@@ -40,6 +40,30 @@ def mount(fstype: str, target: str, options: str = "", source: str | None = None
     sh(*argv, source or fstype, target)
 
 
+def fresh_tmp(keep: list[str]) -> None:
+    """A fresh tmpfs on /tmp, as a booted machine has, but with the paths in
+    `keep` that lie under the host's /tmp still there (a checkout cloned
+    into /tmp, as a CI may do, and its ../shared): directories bound back
+    at their place, symlinks made again."""
+    held = []
+    for i, path in enumerate(p for p in keep if p.startswith("/tmp/") and os.path.lexists(p)):
+        if os.path.islink(path):
+            held.append((path, "link", os.readlink(path)))
+        elif os.path.isdir(path):
+            hold = f"/.vm-keep-{i}"          # on the overlay's writable root
+            os.makedirs(hold, exist_ok=True)
+            sh("mount", "--bind", path, hold)
+            held.append((path, "dir", hold))
+    mount("tmpfs", "/tmp", "mode=1777")
+    for path, kind, what in held:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if kind == "link":
+            os.symlink(what, path)
+        else:
+            os.makedirs(path, exist_ok=True)
+            sh("mount", "--move", what, path)
+
+
 def mount_job() -> dict:
     # cache=none: every write reaches the host at once, nothing to flush at power-off
     mount("9p", JOB, "trans=virtio,version=9p2000.L,cache=none,msize=512000", "vmjob")
@@ -54,13 +78,13 @@ def power_off() -> None:
     time.sleep(60)
 
 
-def api_filesystems() -> None:
+def api_filesystems(keep: list[str]) -> None:
     """What systemd would mount, for the run mode (it has no systemd)."""
     mount("sysfs", "/sys")
     mount("devpts", "/dev/pts", "gid=5,mode=620,ptmxmode=666")
     mount("tmpfs", "/dev/shm", "mode=1777")
     mount("tmpfs", "/run", "mode=0755")
-    mount("tmpfs", "/tmp", "mode=1777")
+    fresh_tmp(keep)
     # The unified hierarchy alone, like systemd.unified_cgroup_hierarchy=1
     mount("cgroup2", "/sys/fs/cgroup", "nsdelegate", "cgroup2")
     with open("/sys/fs/cgroup/cgroup.subtree_control", "w") as f:
@@ -70,7 +94,7 @@ def api_filesystems() -> None:
 
 
 def run(job: dict) -> None:
-    api_filesystems()
+    api_filesystems(job.get("keep", []))
     env = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                HOME="/root", LANG="C.UTF-8", **job.get("env", {}))
     started = time.monotonic()
@@ -98,7 +122,7 @@ def systemd(job: dict) -> None:
     # A fresh /tmp, as a booted machine has: otherwise systemd-tmpfiles
     # (tmp.conf "D /tmp") empties the host's /tmp through the overlay at
     # boot, which over 9p takes minutes.
-    mount("tmpfs", "/tmp", "mode=1777")
+    fresh_tmp(job.get("keep", []))
     for name, text in job["units"].items():
         with open(f"/etc/systemd/system/{name}", "w") as f:
             f.write(text)
