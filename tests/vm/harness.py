@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 REPO = HERE.parent.parent
 QEMU = "/usr/bin/qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
@@ -181,7 +180,7 @@ class Vm:
         jobdir.mkdir(parents=True, exist_ok=True)
         # the checkout (and its ../shared) stay visible where the guest
         # gives itself a fresh /tmp (guest_init.fresh_tmp)
-        job = {**job, "keep": [str(ROOT), str(ROOT.parent / "shared")]}
+        job = {**job, "keep": [str(REPO), str(REPO.parent / "shared")]}
         (jobdir / "job.json").write_text(json.dumps(job))
         cmdline = (f"console=ttyS0 panic=-1 quiet loglevel=4 "
                    f"vm.init={HERE / 'guest_init.py'} {kernel_args}").strip()
