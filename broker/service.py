@@ -115,10 +115,13 @@ class BrokerService:
 
     # -- dispatch ---------------------------------------------------------------
     def handle(self, msg: Message):
-        if msg.message_type == MessageType.SIGNAL:
-            self._bus_signal(msg)
-            return None
         if msg.message_type != MessageType.METHOD_CALL or msg.path != PATH:
+            # Not ours to serve (dbus-fast answers calls to other paths), but
+            # fds sent with it are ours to close: anyone may send them, and
+            # kept they would pile up until the front ran out.
+            self._close_fds(msg)
+            if msg.message_type == MessageType.SIGNAL:
+                self._bus_signal(msg)
             return None
         entry = self.methods.get((msg.interface, msg.member))
         if msg.interface == IFACE:

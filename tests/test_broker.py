@@ -341,3 +341,39 @@ def test_closing_a_client_twice_returns(bus, broker):
     assert done.wait(5), "the second close() hung"
     with b:            # a with-block after an explicit close: closes once more, fine
         pass
+
+
+def test_fds_sent_with_messages_the_broker_does_not_serve_are_closed(bus, broker):
+    """A call to another object path, or a signal, carrying fds: dbus-fast
+    answers or ignores it, and the front closes the fds (they used to stay
+    open, one per message: a way to exhaust the front's fds)."""
+    import asyncio
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+    from soak_kit import bus_owner_pid, fd_count
+    front = bus_owner_pid(bus)
+
+    async def main():
+        b = await MessageBus(bus_address=bus.address, bus_type=BusType.SYSTEM,
+                             negotiate_unix_fd=True).connect()
+        fd = os.open("/dev/null", os.O_RDONLY)
+        try:
+            replies = []
+            for i in range(40):
+                replies.append(await b.call(Message(
+                    destination=BUS_NAME, path="/elsewhere", interface="org.example.X",
+                    member="Take", signature="h", body=[0], unix_fds=[fd])))
+                b.send(Message(message_type=MessageType.SIGNAL, destination=BUS_NAME,
+                               path="/elsewhere", interface="org.example.X", member="Here",
+                               signature="h", body=[0], unix_fds=[fd]))
+            await b.call(Message(destination=BUS_NAME, path=OBJ, member="Ping",
+                                 interface="org.freedesktop.DBus.Peer"))   # all delivered
+            return replies
+        finally:
+            os.close(fd)
+            b.disconnect()
+    before = fd_count(front)
+    replies = asyncio.run(main())
+    assert all(r.message_type == MessageType.ERROR for r in replies)
+    time.sleep(0.2)
+    assert fd_count(front) <= before + 1, (before, fd_count(front))
