@@ -50,6 +50,11 @@ def _write_callback(self, remove_writer: bool = True) -> None:
         self.bus._finalize(e)
 
 
+def own_fds(msg) -> None:
+    """Give `msg` a list of fds of its own (see the module doc)."""
+    msg.unix_fds = list(msg.unix_fds)
+
+
 def install() -> None:
     """Idempotent; call before connecting."""
     _aio._MessageWriter.write_callback = _write_callback

@@ -292,6 +292,21 @@ def _log(text: str) -> None:
         pass
 
 
+def _which_fd_is_bad(sock: socket.socket, fds: list[int]) -> str:
+    """For an EBADF from a send: the socket's own fd, or one passed with the
+    request (closed by someone before its turn): said in the error."""
+    bad = []
+    for fd in (sock.fileno(), *fds):
+        try:
+            os.fstat(fd)
+        except OSError:
+            bad.append(fd)
+    if not bad:
+        return ""
+    return (" (not open: " + ", ".join("the socket's fd" if fd == sock.fileno() else f"fd {fd}"
+                                       for fd in bad) + ")")
+
+
 def pidfd_uid(pid: int, pidfd: int) -> int:
     """The real uid of the process `pidfd` refers to (opened for `pid`).
     /proc/<pid> is read first and the process checked alive after: while it
@@ -441,7 +456,8 @@ class LauncherClient:
                 self.outbox.popleft()
                 fut = self.pending.pop(seq, None)
                 if fut is not None and not fut.done():
-                    fut.set_exception(LauncherFailed("lost", f"launcher unreachable: {e}"))
+                    fut.set_exception(LauncherFailed("lost", f"launcher unreachable: {e}"
+                                                             f"{_which_fd_is_bad(self.sock, fds)}"))
                 continue
             self.outbox.popleft()
         if self._writer_waiting:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dbus_fast import Message, MessageType, Variant
 
-from . import logs
+from . import busfix, logs
 from .callers import CallerGone, Callers
 from .daemon_store import DaemonStoreError
 from .devices.errors import DeviceError
@@ -115,6 +115,9 @@ class BrokerService:
 
     # -- dispatch ---------------------------------------------------------------
     def handle(self, msg: Message):
+        busfix.own_fds(msg)      # before anything keeps msg: dbus-fast shares the list
+        if msg.message_type in (MessageType.METHOD_RETURN, MessageType.ERROR):
+            return None          # replies to the front's own calls: their callers' fds
         if msg.message_type != MessageType.METHOD_CALL or msg.path != PATH:
             # Not ours to serve (dbus-fast answers calls to other paths), but
             # fds sent with it are ours to close: anyone may send them, and

@@ -98,6 +98,8 @@ class AsyncBroker:
             self.bus.disconnect()
 
     def _on_message(self, msg: Message):
+        from broker import busfix
+        busfix.own_fds(msg)      # dbus-fast shares one list between messages (busfix)
         if (msg.message_type == MessageType.SIGNAL and msg.sender == "org.freedesktop.DBus"
                 and msg.member == "NameOwnerChanged" and msg.body[:2] == [BUS_NAME,
                                                                          self.broker_name]):

@@ -196,3 +196,28 @@ def test_a_burst_of_requests_past_the_sockets_queue_all_get_replies():
     launched = [r for r in results if isinstance(r, dict)]
     assert len(launched) == 100 and all(r["pid"] > 0 for r in launched)
     assert results.count("not-found") == 200
+
+
+def test_a_request_whose_fd_was_closed_before_its_turn_fails_alone_and_says_which():
+    """An fd passed with a request must stay open until it is sent; if it
+    was closed meanwhile, that request fails with the fd named, and the next
+    one goes through."""
+    async def main():
+        h = Harness()
+        try:
+            r, w = os.pipe()
+            os.close(w)                            # closed before the request is sent
+            try:
+                with pytest.raises(launcher.LauncherFailed) as e:
+                    await h.client.request(
+                        {**launch_msg("gone-fd", spec("/bin/true")), "fd_targets": [1]}, [w])
+            finally:
+                os.close(r)
+            after = await h.client.request(launch_msg("next", spec("/bin/true")))
+            return e.value, after
+        finally:
+            h.close()
+    err, after = run(main())
+    assert err.kind == "lost" and "Bad file descriptor" in str(err)
+    assert "not open: fd" in str(err) and "the socket" not in str(err)
+    assert after["pid"] > 0

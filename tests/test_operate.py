@@ -151,6 +151,10 @@ def test_status_counts_calls_refusals_and_live_jails(bus, broker):
             if now["LiveJails"]:
                 break
             time.sleep(0.1)
+        if sleeper.poll() is not None:      # say why the sleeper's jail is not there
+            pytest.fail(f"the sleeper's run ended ({sleeper.returncode}): "
+                        f"{sleeper.stderr.read()[-2000:]}; broker log: "
+                        f"{broker.log.read_text()[-3000:]}")
         assert now["LiveJails"] == {"0": 1} or now["LiveJails"] == {0: 1}, now
         assert now["Calls"]["Launch"] == before["Calls"].get("Launch", 0) + 2
         assert now["Refusals"]["AccessDenied"] == before["Refusals"].get("AccessDenied", 0) + 1
