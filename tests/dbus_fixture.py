@@ -38,6 +38,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -386,3 +387,38 @@ def extract_dropin_example(conf_text: str) -> str:
         if m:
             return m.group(0)
     raise ValueError("no drop-in example found in the policy file's comments")
+
+
+BROKER_NAME = "org.privbroker.Broker1"
+
+
+def start_broker(bus: "PrivateBus", config, log, wrap=None, args: Sequence[str] = (),
+                 timeout: float = 15) -> subprocess.Popen:
+    """privbrokerd on `bus` with `config`, its log appended to the file `log`
+    (a pipe nobody drains would stop it once full, ~64 KiB of lines), once it
+    owns its name.  `wrap(argv)`: the command that runs argv (unshare, a
+    cgroup); `args`: more privbrokerd options."""
+    argv = [sys.executable, "-m", "broker", "--bus-address", bus.address,
+            "--config", str(config), *args]
+    root = Path(__file__).resolve().parent.parent
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(wrap(argv) if wrap else argv, cwd=root, stderr=f)
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["busctl", f"--address={bus.address}", "status", BROKER_NAME],
+                         capture_output=True).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_broker(proc)
+            raise AssertionError(f"privbrokerd did not own its name: "
+                                 f"{Path(log).read_text()[-3000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def stop_broker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

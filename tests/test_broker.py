@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import JAIL_PYTHON, PROBE, ROOT, processes_with
-from dbus_fixture import NOBODY_UID, NOGROUP_GID, ThrowawayUser, granted_bus
+from dbus_fixture import NOBODY_UID, NOGROUP_GID, ThrowawayUser, granted_bus, start_broker, stop_broker
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -52,23 +52,9 @@ def bus():
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment):
-    # The log goes to a file: a pipe nobody drains would stop the broker
-    # once it filled (about 64 KiB of log lines; found by tests/test_soak.py).
-    log = open(deployment / "broker.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
-                             "--config", str(deployment / "broker.toml")], cwd=ROOT,
-                            stderr=log, text=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if busctl(bus, "status", BUS_NAME).returncode == 0:
-            break
-        assert proc.poll() is None, (deployment / "broker.log").read_text()
-        time.sleep(0.1)
-    else:
-        pytest.fail("privbrokerd did not own its name")
+    proc = start_broker(bus, deployment / "broker.toml", deployment / "broker.log")
     yield proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_broker(proc)
 
 
 def busctl(bus, *args, uid=None):

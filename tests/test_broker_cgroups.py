@@ -15,7 +15,7 @@ import pytest
 
 from broker.jail import cgroups
 from conftest import JAIL_PYTHON, ROOT, processes_with
-from dbus_fixture import granted_bus
+from dbus_fixture import granted_bus, start_broker, stop_broker
 from test_cgroups import ESCAPE, alive, cgroup_dirs
 
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -79,22 +79,9 @@ def bus():
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment):
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
-                             "--config", str(deployment / "broker.toml")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        r = subprocess.run(["busctl", f"--address={bus.address}", "status", BUS_NAME],
-                           capture_output=True)
-        if r.returncode == 0:
-            break
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.1)
-    else:
-        pytest.fail("privbrokerd did not own its name")
+    proc = start_broker(bus, deployment / "broker.toml", deployment / "broker.log")
     yield proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_broker(proc)
 
 
 @pytest.fixture

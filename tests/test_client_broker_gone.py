@@ -14,27 +14,13 @@ import time
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import granted_bus
-
-BUS_NAME = "org.privbroker.Broker1"
+from dbus_fixture import granted_bus, start_broker
 
 
 @pytest.fixture
 def bus():
     with granted_bus() as b:
         yield b
-
-
-def start_broker(bus) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
-                             "--config", str(ROOT / "examples" / "broker.toml")], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 15
-    while subprocess.run(["busctl", f"--address={bus.address}", "status", BUS_NAME],
-                         capture_output=True).returncode != 0:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.1)
-    return proc
 
 
 def jailed_sleep(seconds: str) -> list[int]:
@@ -51,8 +37,8 @@ def jailed_sleep(seconds: str) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
-def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig):
-    broker = start_broker(bus)
+def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig, tmp_path):
+    broker = start_broker(bus, ROOT / "examples" / "broker.toml", tmp_path / "broker.log")
     seconds = f"1000.{time.monotonic_ns() % 10**9}"      # names this jail's sleep
     client = subprocess.Popen([sys.executable, "-m", "client.cli", "--bus-address", bus.address,
                                "run", "minimal", "--", "/bin/sleep", seconds], cwd=ROOT,

@@ -11,14 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 from dbus_fixture import (NOBODY_UID, NOGROUP_GID, PrivateBus, ThrowawayUser, ensure_group,
-                          run_as)
+                          run_as, start_broker, stop_broker)
 from ns_worker import mounts_under
 from test_daemon_store import (HASH, OTHER_HASH, T_GID, T_MODE, T_UID, WATCH, make_tree,
                                wait_for)
@@ -90,24 +89,11 @@ def bus(users):
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment, tree):
-    # The log goes to a file: a pipe nobody drains stops the broker once it
-    # fills (test_deputy_store_race.py's thousands of rounds did).
-    log = open(deployment / "broker.log", "w+")
-    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                             sys.executable, "-m", "broker", "--bus-address", bus.address,
-                             "--config", str(deployment / "broker.toml")], cwd=ROOT,
-                            stderr=log, text=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if busctl(bus, "status", BUS_NAME).returncode == 0:
-            break
-        assert proc.poll() is None, (deployment / "broker.log").read_text()
-        time.sleep(0.1)
-    else:
-        pytest.fail("privbrokerd did not own its name")
+    proc = start_broker(bus, deployment / "broker.toml", deployment / "broker.log",
+                        wrap=lambda argv: ["unshare", "--mount", "--propagation", "private",
+                                           *argv])
     yield proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_broker(proc)
     assert mounts_under(tree.root) == [], "a mount reached the host's mount table"
 
 

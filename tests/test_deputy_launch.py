@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus, ThrowawayUser, popen_as
+from dbus_fixture import PrivateBus, ThrowawayUser, popen_as, start_broker, stop_broker
 from soak_kit import BrokerCgroup, bus_owner_pid, fd_count, wait_for
 from test_broker import deployment  # noqa: F401 - fixture
-from test_faults import start, stop
 
 CALLER = str(Path(__file__).resolve().parent / "deputy_caller.py")
 
@@ -44,11 +43,12 @@ def bus():
 
 @pytest.fixture(scope="module")
 def broker(bus, deployment, cg):
-    proc = start(bus, deployment / "broker.toml", deployment / "deputy.log", cg)
+    proc = start_broker(bus, deployment / "broker.toml", deployment / "deputy.log",
+                        wrap=cg.wrap)
     proc.front = bus_owner_pid(bus)
     proc.log_path = deployment / "deputy.log"
     yield proc
-    stop(proc)
+    stop_broker(proc)
 
 
 @pytest.fixture(scope="module")

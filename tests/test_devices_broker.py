@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus, ThrowawayUser, popen_as, granted_bus
+from dbus_fixture import PrivateBus, ThrowawayUser, popen_as, granted_bus, start_broker
 from udev_tree import make_node, sample
 
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -99,20 +99,6 @@ def world():
         (d / f"broker-{state}.toml").write_text(CONFIG.format(root=d, state=state))
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-def start_broker(bus, config: Path, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "broker", "--bus-address", bus.address,
-                                 "--config", str(config)], cwd=ROOT, stderr=f)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if subprocess.run(["busctl", f"--address={bus.address}", "status", BUS_NAME],
-                          capture_output=True).returncode == 0:
-            return proc
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.1)
-    pytest.fail(f"privbrokerd did not own its name: {log.read_text()}")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import ROOT, processes_with
-from dbus_fixture import PrivateBus
+from dbus_fixture import PrivateBus, start_broker, stop_broker
 from soak_kit import BrokerCgroup, bus_owner_pid, cgroup_members, wait_for
 from test_broker import deployment  # noqa: F401 - fixture
 from test_devices_broker import alice, cli, holder, owner, world  # noqa: F401 - fixtures
@@ -26,26 +26,6 @@ from test_devices_broker import alice, cli, holder, owner, world  # noqa: F401 -
 BUS_NAME = "org.privbroker.Broker1"
 
 
-def start(bus, config, log, cg: BrokerCgroup | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "broker", "--bus-address", bus.address,
-            "--config", str(config)]
-    with open(log, "ab") as f:
-        proc = subprocess.Popen(cg.wrap(argv) if cg else argv, cwd=ROOT, stderr=f)
-    ok = wait_for(lambda: proc.poll() is not None or subprocess.run(
-        ["busctl", f"--address={bus.address}", "status", BUS_NAME],
-        capture_output=True).returncode == 0, 15, 0.1)
-    assert ok and proc.poll() is None, open(log).read()[-3000:]
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -89,7 +69,7 @@ def test_sigkill_in_the_middle_of_launches_leaves_no_jail(deployment, cg, victim
     marker = f"fault-{victim}-{time.monotonic_ns()}"
     log = tmp_path / "broker.log"
     with PrivateBus() as bus:
-        b = start(bus, deployment / "broker.toml", log, cg)
+        b = start_broker(bus, deployment / "broker.toml", log, wrap=cg.wrap)
         caller = _launch_many(bus, marker, 12)
         try:
             assert wait_for(lambda: _jails_seen(marker) >= 4, 20), open(log).read()[-2000:]
@@ -107,20 +87,20 @@ def test_sigkill_in_the_middle_of_launches_leaves_no_jail(deployment, cg, victim
             assert all(m == [] for _, m in left), left
             if victim == "launcher":
                 assert b.returncode != 0     # the front: nonzero, for systemd to restart it
-            b = start(bus, deployment / "broker.toml", log, cg)   # and it comes back
+            b = start_broker(bus, deployment / "broker.toml", log, wrap=cg.wrap)  # it comes back
             from client import Broker
             with Broker(bus.address) as c:
                 assert c.launch("minimal", ["/bin/true"], stdin=None).wait(timeout=20).code == 0
         finally:
             caller.kill()
             caller.wait()
-            stop(b)
+            stop_broker(b)
 
 
 def test_a_restarted_bus_ends_the_broker_with_a_failure_status(deployment, tmp_path):
     bus = PrivateBus().__enter__()
     try:
-        b = start(bus, deployment / "broker.toml", tmp_path / "broker.log")
+        b = start_broker(bus, deployment / "broker.toml", tmp_path / "broker.log")
         bus.proc.kill()                      # the bus daemon dies (systemd would restart it)
         bus.proc.wait()
         t = time.monotonic()
@@ -130,7 +110,7 @@ def test_a_restarted_bus_ends_the_broker_with_a_failure_status(deployment, tmp_p
         assert exited
         assert b.returncode != 0
     finally:
-        stop(b)
+        stop_broker(b)
         bus.__exit__(None, None, None)
 
 
@@ -140,19 +120,19 @@ def test_sigkill_of_the_front_during_a_lease_is_restored_at_restart(world, alice
     before = owner(path)
     config, log = world / "broker-state-crash.toml", tmp_path / "broker.log"
     with PrivateBus() as bus:
-        b = start(bus, config, log)
+        b = start_broker(bus, config, log)
         p = holder(bus, alice, path)
         try:
             assert owner(path)[0] == alice.uid
             os.kill(bus_owner_pid(bus), signal.SIGKILL)       # the front: no cleanup at all
             assert wait_for(lambda: b.poll() is not None, 10)
             assert owner(path)[0] == alice.uid                # still leased
-            b = start(bus, config, log)                       # replays the journal first
+            b = start_broker(bus, config, log)                       # replays the journal first
             assert owner(path) == before
         finally:
             p.kill()
             p.wait()
-            stop(b)
+            stop_broker(b)
 
 
 @pytest.fixture
@@ -187,7 +167,7 @@ def test_a_full_journal_disk_refuses_the_lease_and_leaves_the_node(world, alice,
     assert wait_for(lambda: owner(path)[0] != alice.uid, 5)
     before = owner(path)
     with PrivateBus() as bus:
-        b = start(bus, config, tmp_path / "broker.log")
+        b = start_broker(bus, config, tmp_path / "broker.log")
         try:
             _fill(d)
             r = cli(bus, alice, "chown", path, "--", "true")
@@ -203,20 +183,21 @@ def test_a_full_journal_disk_refuses_the_lease_and_leaves_the_node(world, alice,
             try:
                 os.kill(bus_owner_pid(bus), signal.SIGKILL)
                 assert wait_for(lambda: b.poll() is not None, 10)
-                b = start(bus, config, tmp_path / "broker.log")
+                b = start_broker(bus, config, tmp_path / "broker.log")
                 assert owner(path) == before, "the lease taken after the full disk was lost"
             finally:
                 p.kill()
                 p.wait()
         finally:
-            stop(b)
+            stop_broker(b)
 
 
 def test_an_exhausted_pid_space_is_a_clear_error_and_the_broker_keeps_serving(
         deployment, cg, tmp_path):
     from client import Broker, BrokerCallError
     with PrivateBus() as bus:
-        b = start(bus, deployment / "broker.toml", tmp_path / "broker.log", cg)
+        b = start_broker(bus, deployment / "broker.toml", tmp_path / "broker.log",
+                         wrap=cg.wrap)
         try:
             with Broker(bus.address) as c:
                 cg.set_pids_max(cg.pids_current())   # not one process more
@@ -234,4 +215,4 @@ def test_an_exhausted_pid_space_is_a_clear_error_and_the_broker_keeps_serving(
             assert cg.jail_dirs() == [] or wait_for(lambda: cg.jail_dirs() == [], 5)
         finally:
             cg.set_pids_max("max")
-            stop(b)
+            stop_broker(b)
