@@ -143,6 +143,75 @@ def test_a_launch_through_the_confined_front_works(bus, running):
     assert r.returncode == 7 and r.stdout == "hi\n", r.stderr
 
 
+# -- a stopped front survives being continued ---------------------------------------------
+
+def test_the_fronts_filter_lets_a_stopped_poll_resume():
+    """A poll() that a stop interrupts (SIGSTOP/SIGCONT, a debugger, a cgroup
+    freeze) resumes through restart_syscall, which the filter itself sees.
+    A process under the front's own filter, stopped and continued while in
+    poll(), must go on (before the fix it died of SIGSYS)."""
+    bpf = front._compile_policy()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import prctl
+            from broker.jail.seccomp.load import load_filter
+            prctl.set_no_new_privs(1)
+            load_filter(bpf)
+            os.write(w, b"r")
+            import select
+            select.poll().poll(1500)      # stopped and continued in here
+            os._exit(0)
+        except BaseException:
+            os._exit(3)
+    os.close(w)
+    assert os.read(r, 1) == b"r"
+    os.close(r)
+    time.sleep(0.3)                       # in poll() by now
+    assert Path(f"/proc/{pid}/syscall").read_text().split()[0] == "7"     # poll
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(0.1)
+    os.kill(pid, signal.SIGCONT)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \
+        f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else status
+
+
+def test_the_running_front_survives_stop_and_continue_under_load(bus, running):
+    """The real front, stopped and continued 300 times while calls keep it
+    busy, still serves.  (Its event loop waits in epoll_wait, which the
+    kernel restarts without restart_syscall: the test above is the one that
+    catches a filter without it.)"""
+    load = subprocess.Popen([sys.executable, "-c", _KEEP_CALLING, bus.address], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        for _ in range(300):
+            os.kill(running.front, signal.SIGSTOP)
+            time.sleep(0.0005)
+            os.kill(running.front, signal.SIGCONT)
+            time.sleep(0.002)
+        assert not _gone(running.front), running.log.read_text()[-2000:]
+        r = busctl(bus, "get-property", BUS_NAME, "/org/privbroker/Broker1",
+                   "org.privbroker.Broker1", "Version")
+        assert r.returncode == 0, r.stderr
+    finally:
+        load.kill()
+        load.wait()
+
+
+_KEEP_CALLING = """
+import asyncio, sys
+from client import AsyncBroker
+async def main():
+    b = await AsyncBroker(sys.argv[1]).connect()
+    while True:
+        await b.list_jails()
+asyncio.run(main())
+"""
+
+
 # -- each process notices the other's death ----------------------------------------------
 
 def _jail_running(bus, marker: str) -> subprocess.Popen:
