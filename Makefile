@@ -12,8 +12,9 @@ APT_PKGS := python3 python3-venv python3-dev gcc libcap-dev libseccomp2 \
             libc6-dev linux-libc-dev bubblewrap dbus strace umockdev
 # The VM tests (tests/vm/, tests/test_vm_*.py): qemu, a Debian kernel whose
 # modules include 9p (the cloud flavour's do not), busybox and cpio for the
-# initramfs. Without recommends: qemu's pull in a desktop stack.
-VM_APT   := qemu-system-x86 linux-image-amd64 busybox-static cpio
+# initramfs, udev for the USB gadget test's device records (its modules:
+# dummy_hcd, libcomposite). Without recommends: qemu's pull in a desktop stack.
+VM_APT   := qemu-system-x86 linux-image-amd64 busybox-static cpio udev
 
 .PHONY: run test conformance fuzz soak bench deps apt-deps clean install uninstall install-deps \
         install-files install-system man deb deb-deps vm-deps vm-test
@@ -59,7 +60,7 @@ test: deps vm-deps
 # systemd, installed from `make deb` with dpkg, and the cgroup tests on
 # cgroup v2 with controllers (about 2 min on an idle machine, TCG).
 vm-test: deps vm-deps
-	$(VPY) -m pytest -q -s tests/test_vm_systemd.py tests/test_vm_cgroup2.py
+	$(VPY) -m pytest -q -s tests/test_vm_systemd.py tests/test_vm_cgroup2.py tests/test_vm_usb.py
 
 # Decision equivalence for every corpus seccomp policy under every default
 # (make test runs a sample): reference == interpreter == kernel.
