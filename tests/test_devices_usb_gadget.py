@@ -114,10 +114,13 @@ class Gadget:
     """A configfs gadget (ACM + SourceSink) on one dummy UDC, and the USB
     device the host side enumerated for it."""
 
-    def __init__(self, name: str, product: int, udc: str):
+    def __init__(self, name: str, product: int):
+        self.name, self.product = name, product
         self.dir = GADGETS / name
         self.vidpid = f"1209:{product:04x}"
-        d = self.dir
+
+    def start(self, udc: str) -> "Gadget":
+        d, name, product = self.dir, self.name, self.product
         d.mkdir()
         (d / "idVendor").write_text("0x1209")
         (d / "idProduct").write_text(f"0x{product:04x}")
@@ -134,6 +137,7 @@ class Gadget:
         _wait(lambda: Path(f"/run/udev/data/c189:{(busnum - 1) * 128 + devnum - 1}").exists(),
               f"udev never recorded {self.node}")
         self.ifaces = _wait(self._bound, f"cdc_acm never bound {self.vidpid}'s interfaces")
+        return self
 
     def _find(self) -> Path | None:
         for dev in Path("/sys/bus/usb/devices").iterdir():
@@ -200,8 +204,10 @@ def gadgets():
         _sh("udevadm", "settle", "--timeout=30")
     made = []
     try:
-        made.append(Gadget("pb-lockdown", 0x0001, "dummy_udc.0"))
-        made.append(Gadget("pb-detach", 0x0002, "dummy_udc.1"))
+        for name, product, udc in (("pb-lockdown", 0x0001, "dummy_udc.0"),
+                                   ("pb-detach", 0x0002, "dummy_udc.1")):
+            made.append(Gadget(name, product))        # removed even if start() fails
+            made[-1].start(udc)
         yield {"lockdown": made[0], "detach": made[1]}
     finally:
         for g in made:
