@@ -54,6 +54,8 @@ class _Launcher:
         self.jails: dict[str, Jail] = {}
         self.cgroup_parent: str | None = None     # where jail cgroups go (None: our own)
         self.leftover_cgroups: list[cgroups.Cgroup] = []   # retried on every reap
+        self.sel = None                 # serve()'s selector
+        self.watched: dict[str, int] = {}   # jail id -> its status pipe, in the selector
 
     def serve(self) -> None:
         import selectors
@@ -66,16 +68,43 @@ class _Launcher:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: None)
         signal.set_wakeup_fd(wake_w)
-        sel = selectors.DefaultSelector()
+        sel = self.sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         while True:
             for key, _ in sel.select():
                 if key.data == "signal":
                     self.on_signals(_drain(wake_r))
+                elif key.data != "request":
+                    self.on_status(key.data)
                 elif not self.handle_one():
                     self.shutdown()
                     return
+
+    def on_status(self, jail_id: str) -> None:
+        """A jail's status pipe is readable: its init reported the program's
+        end.  When init also said nothing else of the jail runs, Exited goes
+        out now, not after init's own exit (a ~25 MB address space torn
+        down) and its reap; the reap then only cleans up."""
+        if jail_id not in self.watched:
+            return                      # unwatched earlier in this same batch
+        self._unwatch(jail_id)
+        jail = self.jails[jail_id]
+        status = jail.ended()
+        if status is not None:
+            self.send({"event": "exited", "jail": jail_id, "code": status.code,
+                       "signal": status.signal, "oom": status.oom})
+
+    def _watch(self, jail_id: str, jail: Jail) -> None:
+        if self.sel is not None and jail.status_fd >= 0:
+            import selectors
+            self.sel.register(jail.status_fd, selectors.EVENT_READ, jail_id)
+            self.watched[jail_id] = jail.status_fd
+
+    def _unwatch(self, jail_id: str) -> None:
+        fd = self.watched.pop(jail_id, None)
+        if fd is not None:
+            self.sel.unregister(fd)
 
     def on_signals(self, signums: bytes) -> None:
         if self.front_pid is not None and self.front_status is None:
@@ -157,6 +186,7 @@ class _Launcher:
             return {"ok": False, "error": "unsupported" if e.unsupported else "launch-failed",
                     "message": str(e), "step": e.step}
         self.jails[jail_id] = jail
+        self._watch(jail_id, jail)
         return {"ok": True, "pid": jail.pid}
 
     def pidfd(self, msg: dict, fds: list[int]) -> dict:
@@ -205,6 +235,7 @@ class _Launcher:
                 self.front_status = raw     # its socket end is closed: serve() ends
             elif pid in by_pid:               # anything else was an orphan: just reaped
                 jail_id, jail = by_pid[pid]
+                self._unwatch(jail_id)        # before reaped() closes the pipe
                 # Exited goes out before the jail's (empty) cgroup is removed:
                 # the removal is below, in retry_cgroups.
                 status = jail.reaped(raw, defer_removal=True)
@@ -212,8 +243,9 @@ class _Launcher:
                 if jail.leftover is not None:
                     _log(f"jail {jail_id}: its cgroup is not empty yet; retrying")
                     self.leftover_cgroups.append(jail.leftover)
-                self.send({"event": "exited", "jail": jail_id, "code": status.code,
-                           "signal": status.signal, "oom": status.oom})
+                if jail.early is None:        # else on_status sent it already
+                    self.send({"event": "exited", "jail": jail_id, "code": status.code,
+                               "signal": status.signal, "oom": status.oom})
                 if jail.empty_cgroup is not None:
                     self.leftover_cgroups.append(jail.empty_cgroup)
         self.retry_cgroups()
@@ -242,6 +274,8 @@ class _Launcher:
                 os.close(fd)
 
     def shutdown(self) -> None:
+        for jail_id in list(self.watched):
+            self._unwatch(jail_id)
         # The front is gone: no one will be told about these jails, so end them.
         for jail in self.jails.values():
             jail.signal_all(signal.SIGKILL)      # with a cgroup: kill-all

@@ -38,11 +38,13 @@ class Harness:
     def __init__(self, pol=SAMPLE):
         self.pid, sock = launcher.start(Envelope(pol))
         self.exits: dict[str, tuple] = {}
+        self.exit_events: dict[str, int] = {}
         self.exited = asyncio.Event()
         self.client = launcher.LauncherClient(sock, self._on_exit)
 
     def _on_exit(self, jail_id, code, sig, oom=False):
         self.exits[jail_id] = (code, sig)
+        self.exit_events[jail_id] = self.exit_events.get(jail_id, 0) + 1
         self.exited.set()
 
     async def wait_exit(self, jail_id, timeout=10):
@@ -78,6 +80,60 @@ def test_launch_passes_exactly_the_given_fds_and_reports_exit():
     report = run(main())
     assert report["fds"] == [1, 2]        # exactly what was passed: no 0, nothing else
     assert report["visible_pids"] == [1, 2]
+
+
+def _exit_once(profile: str, argv: tuple[str, ...], marker: str):
+    # Ballast: 512 MiB of written pages, which the launcher and every jail
+    # init fork share.  An init's exit must tear that down before the kernel
+    # empties its pid namespace, so an init that reported the end before
+    # killing the rest would leave them running for milliseconds: long
+    # enough for this test to see them.
+    ballast = b"\x01" * (512 << 20)
+
+    async def main():
+        h = Harness()
+        base = Envelope(SAMPLE).profiles.spec(profile)
+        from dataclasses import replace
+        s = replace(base, argv=argv, uid=0, gid=0, **BROKER_FORCED)
+        reply = await h.client.request(launch_msg("jearly", s, profile))
+        status = await h.wait_exit("jearly")
+        left = processes_with(marker)           # at once, as a caller would look
+        init_reaped = not os.path.exists(f"/proc/{reply['pid']}")
+        await asyncio.sleep(0.5)                 # room for a second Exited
+        events = h.exit_events["jearly"]
+        h.close()
+        return status, left, events, init_reaped
+    try:
+        return run(main())
+    finally:
+        del ballast
+
+
+def test_exited_comes_once_when_nothing_of_the_jail_runs_before_init_is_reaped():
+    """The program exits leaving a daemonized grandchild.  minimal's program
+    runs with init's own credentials, so init kills and reaps the rest and
+    then reports: Exited may come before init's own exit is reaped.  When
+    it comes the grandchild is already gone (no polling here), and it comes
+    exactly once."""
+    marker = f"early-{time.monotonic_ns()}"
+    # the daemon's shell stays (two commands) with the marker as its $0
+    script = (f"setsid /bin/sh -c 'sleep 60; true' {marker} </dev/null >/dev/null 2>&1 & "
+              f"sleep 0.2; exit 5")
+    status, left, events, _ = _exit_once("minimal", ("/bin/sh", "-c", script), marker)
+    assert status == (5, None)
+    assert left == []
+    assert events == 1
+
+
+def test_exited_comes_once_from_the_reap_when_init_cannot_end_it_all():
+    """filtered's program has a seccomp filter, which init cannot share: the
+    program is forked, init does not claim the end, and Exited comes with
+    init's reap, once."""
+    status, left, events, init_reaped = _exit_once(
+        "filtered", ("/bin/sleep", "0.1"), "no-marker-needed")
+    assert status == (0, None)
+    assert events == 1
+    assert init_reaped
 
 
 def test_signal_reaches_every_process_in_the_jail():

@@ -11,7 +11,11 @@ needs none to wait for and signal its own children.
 
 The program's raw wait status is written to `status_fd` before exiting, so
 the launcher learns "killed by signal N" even though pid 1 itself can only
-exit with a code.
+exit with a code.  When every process of the jail runs with init's own
+credentials (the program was spawned with them: launch._spawn_and_become_init),
+init kills and reaps the rest itself before writing, and adds ENDED_ALL: the
+launcher then reports the jail's end at once instead of after init's exit
+has been torn down and reaped (~0.4 ms).
 """
 from __future__ import annotations
 
@@ -29,8 +33,18 @@ def exit_code_of(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-def run_init(program_pid: int, status_fd: int | None) -> "NoReturn":  # noqa: F821
-    """Reap and forward until the program exits; never returns."""
+ENDED_ALL = b"\x01"      # after the status: nothing else of the jail runs
+
+
+def run_init(program_pid: int, status_fd: int | None,
+             can_end_all: bool = False) -> "NoReturn":  # noqa: F821
+    """Reap and forward until the program exits; never returns.
+
+    can_end_all: every process of the jail runs with our credentials (the
+    program was spawned with them and can gain none), so kill(-1) reaches
+    all of them.  Then, once the program is gone, we kill and reap the rest
+    before writing the status, and say so (ENDED_ALL): the launcher may then
+    report the jail's end without waiting for our own exit to be torn down."""
     program_status = None
     waited = set(FORWARDED) | {signal.SIGCHLD}
     # The signals stay blocked (the caller blocked them before forking the
@@ -46,11 +60,34 @@ def run_init(program_pid: int, status_fd: int | None) -> "NoReturn":  # noqa: F8
             except ProcessLookupError:
                 pass   # already gone; its SIGCHLD is on the way
     if status_fd is not None:
+        report = struct.pack("=i", program_status)
+        if can_end_all:
+            # What our exit would do anyway, done first: then the status can
+            # say that nothing else of the jail runs.
+            _kill_and_reap_the_rest()
+            report += ENDED_ALL
         try:
-            os.write(status_fd, struct.pack("=i", program_status))
+            os.write(status_fd, report)
         except OSError:
             pass   # the launcher went away; the exit code still says it
     os._exit(exit_code_of(program_status))
+
+
+def _kill_and_reap_the_rest() -> None:
+    """As pid 1, kill(-1) reaches every other process of the pid namespace
+    (and nothing outside it); each becomes our child once its parent is gone,
+    so reaping until there is no child left means none of them runs."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass          # nobody else left
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
 
 
 def _reap_all(program_pid: int) -> int | None:

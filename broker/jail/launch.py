@@ -56,7 +56,7 @@ import prctl
 from . import cgroups
 from . import syscalls as sc
 from .identity import drop_everything_for_init, drop_privileges
-from .init import FORWARDED, run_init
+from .init import ENDED_ALL, FORWARDED, run_init
 from .landlock import build_ruleset
 from .mounts import setup_filesystem
 from .seccomp.load import PreparedFilter, prepare_filter
@@ -125,6 +125,35 @@ class Jail:
         self.cgroup = cgroup       # the jail's own cgroup, if it has one
         self.leftover: cgroups.Cgroup | None = None   # a cgroup that would not go away
         self.empty_cgroup: cgroups.Cgroup | None = None   # reaped(defer_removal=True)
+        self.early: ExitStatus | None = None   # ended(): over before our pid is reaped
+        self._program_status: int | None = None   # read from the pipe before the reap
+
+    @property
+    def status_fd(self) -> int:
+        """init's status pipe (-1: none, or closed): readable once the
+        program is gone (or init is); see ended()."""
+        return self._status_fd
+
+    def ended(self) -> ExitStatus | None:
+        """Read init's report when the status pipe is readable.  The jail's
+        end, when init says nothing else of it runs (it killed and reaped the
+        rest first: init.run_init, can_end_all); then the end may be reported
+        before init's own exit is torn down and reaped.  None otherwise: the
+        reap (reaped, wait) says how it ended."""
+        if self.early is not None or self.status is not None:
+            return self.early
+        program, all_gone = _read_status(self._status_fd)
+        if program is None:
+            return None
+        self._program_status = program
+        if not all_gone:
+            return None
+        status = ExitStatus.from_wait_status(program)
+        if status.signal == signal.SIGKILL and self.cgroup is not None \
+                and (self.cgroup.oom_kills() or 0) > 0:
+            status = ExitStatus(None, signal.SIGKILL, oom=True)
+        self.early = status
+        return status
 
     def signal(self, sig: int) -> None:
         """Signal the jail's top process (its init forwards the usual ones)."""
@@ -196,8 +225,11 @@ class Jail:
         # With an init, the program's own status comes through the status
         # pipe; without one (or if init was killed), the top process's status
         # is the program's.
-        program = _read_status(self._status_fd)
-        self.status = ExitStatus.from_wait_status(program if program is not None else raw)
+        program = self._program_status
+        if program is None:
+            program, _ = _read_status(self._status_fd)
+        self.status = self.early or \
+            ExitStatus.from_wait_status(program if program is not None else raw)
         self.close()
         if self.cgroup is not None:
             self._end_cgroup(defer_removal)
@@ -251,15 +283,20 @@ def _pidfds_in_pid_ns(ns_ino: int, exclude: int):
         os.close(fd)
 
 
-def _read_status(fd: int) -> int | None:
+def _read_status(fd: int) -> tuple[int | None, bool]:
+    """init's report on the status pipe: the program's raw wait status (None:
+    nothing written, init died first) and whether init said nothing else of
+    the jail runs any more (init.ENDED_ALL)."""
     if fd < 0:
-        return None
+        return None, False
     os.set_blocking(fd, False)
     try:
-        data = os.read(fd, 4)
+        data = os.read(fd, 5)
     except BlockingIOError:
-        return None
-    return struct.unpack("=i", data)[0] if len(data) == 4 else None
+        return None, False
+    if len(data) < 4:
+        return None, False
+    return struct.unpack("=i", data[:4])[0], data[4:] == ENDED_ALL
 
 
 # ---------------------------------------------------------------------------
@@ -766,7 +803,7 @@ def _spawn_and_become_init(ctx: _Ctx) -> "NoReturn":  # noqa: F821
     ctx.step = "init"
     ctx.sock.close()                       # L sees end of file: the program has exec'd
     _close_fds_except({ctx.status_fd})
-    run_init(program, ctx.status_fd)
+    run_init(program, ctx.status_fd, can_end_all=True)   # every process has our creds
 
 
 def _spawn_fd_actions(ctx: _Ctx) -> list:
