@@ -75,8 +75,8 @@ class _Launcher:
             for key, _ in sel.select():
                 if key.data == "signal":
                     self.on_signals(_drain(wake_r))
-                elif key.data != "request":
-                    self.on_status(key.data)
+                elif isinstance(key.data, tuple):     # ("status", jail id)
+                    self.on_status(key.data[1])
                 elif not self.handle_one():
                     self.shutdown()
                     return
@@ -98,7 +98,8 @@ class _Launcher:
     def _watch(self, jail_id: str, jail: Jail) -> None:
         if self.sel is not None and jail.status_fd >= 0:
             import selectors
-            self.sel.register(jail.status_fd, selectors.EVENT_READ, jail_id)
+            # a tuple: no jail id (the front's to choose) can pass for "request"
+            self.sel.register(jail.status_fd, selectors.EVENT_READ, ("status", jail_id))
             self.watched[jail_id] = jail.status_fd
 
     def _unwatch(self, jail_id: str) -> None:
