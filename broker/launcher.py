@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import selectors
 import signal
 import socket
 
@@ -58,7 +59,6 @@ class _Launcher:
         self.watched: dict[str, int] = {}   # jail id -> its status pipe, in the selector
 
     def serve(self) -> None:
-        import selectors
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         if self.front_pid is not None:
@@ -97,7 +97,6 @@ class _Launcher:
 
     def _watch(self, jail_id: str, jail: Jail) -> None:
         if self.sel is not None and jail.status_fd >= 0:
-            import selectors
             # a tuple: no jail id (the front's to choose) can pass for "request"
             self.sel.register(jail.status_fd, selectors.EVENT_READ, ("status", jail_id))
             self.watched[jail_id] = jail.status_fd

@@ -71,10 +71,9 @@ vendors = ["1d6b"]
 # (PRIVBROKER_FD): what the kernel lets that fd do, as JSON.
 PROBE = r"""
 import errno, fcntl, json, os, struct, sys
+from broker.devices import usbdevfs as u
 fd = int(os.environ["PRIVBROKER_FD"])
-IOR = lambda nr, size: (2 << 30) | (size << 16) | (ord("U") << 8) | nr
-CLAIM, RELEASE = IOR(15, 4), IOR(16, 4)
-DISCONNECT_CLAIM = IOR(27, 264)
+CLAIM, RELEASE = (u._ioc(u._IOC_READ, "U", nr, 4) for nr in (15, 16))   # unsigned int
 def call(req, arg):
     try:
         fcntl.ioctl(fd, req, arg)
@@ -90,7 +89,7 @@ for op in sys.argv[1:]:
     elif name == "release":
         out[op] = call(RELEASE, struct.pack("I", n))
     elif name == "disconnect_claim":
-        out[op] = call(DISCONNECT_CLAIM, struct.pack("II256s", n, 0, b""))
+        out[op] = call(u.USBDEVFS_DISCONNECT_CLAIM, u._DISCONNECT_CLAIM.pack(n, 0, b""))
     elif name == "driver":                  # the interface's driver, as sysfs says
         link = os.environ["IFACE_%d" % n]
         out[op] = os.path.basename(os.readlink(link)) if os.path.exists(link) else None
@@ -291,13 +290,13 @@ def test_the_same_ioctl_on_an_fd_without_lockdown_is_not_refused(gadgets):
     is the lockdown's."""
     import errno
     import fcntl
-    import struct
+    from broker.devices import usbdevfs
     g = gadgets["lockdown"]
     fd = os.open(g.node, os.O_RDWR | os.O_CLOEXEC)
     try:
         with pytest.raises(OSError) as e:
-            fcntl.ioctl(fd, (2 << 30) | (264 << 16) | (ord("U") << 8) | 27,
-                        struct.pack("II256s", 7, 0, b""))
+            fcntl.ioctl(fd, usbdevfs.USBDEVFS_DISCONNECT_CLAIM,
+                        usbdevfs._DISCONNECT_CLAIM.pack(7, 0, b""))
         assert e.value.errno == errno.EINVAL
     finally:
         os.close(fd)

@@ -15,14 +15,9 @@ About 50 s on an idle machine (TCG); `make test` and `make vm-test` run it
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
 import pytest
 
-from conftest import ROOT
+from vm import pytest_in_vm
 
 TESTS = ["tests/test_cgroups.py", "tests/test_broker_cgroups.py"]
 
@@ -64,39 +59,11 @@ MUST_PASS = [
 
 @pytest.fixture(scope="module")
 def vm_run():
-    from vm.harness import vm_or_skip
-    vm = vm_or_skip()
-    jobdir = Path(tempfile.mkdtemp(prefix="privbroker-vm-cgroup2-"))
-    job = {"mode": "run", "cwd": str(ROOT),
-           "argv": [str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "--junitxml=/vmjob/junit.xml", *TESTS]}
-    res = vm.run_job(job, timeout=900, jobdir=jobdir)
-    print(f"\nvm cgroup2: {res.seconds:.0f} s in all; guest: {res.file('rc')}")
-    yield res, results(res)
-    if (res.file("rc") or "").split()[:1] == ["0"]:
-        shutil.rmtree(jobdir, ignore_errors=True)       # kept for a look when anything failed
-
-
-def results(res) -> dict[str, str]:
-    """node id (file::name) -> passed | failed | error | skipped, from the junit xml."""
-    xml = res.file("junit.xml")
-    if xml is None:
-        return {}
-    out = {}
-    for case in ET.fromstring(xml).iter("testcase"):
-        node = f"{case.get('classname').rsplit('.', 1)[-1]}.py::{case.get('name')}"
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
-        out[node] = {"failure": "failed"}.get(kinds[0], kinds[0]) if kinds else "passed"
-    return out
+    yield from pytest_in_vm.run(TESTS, "cgroup2")
 
 
 def test_the_vm_ran_the_cgroup_tests_and_none_failed(vm_run):
-    res, got = vm_run
-    assert res.file("rc") is not None, \
-        f"the VM never finished (qemu {res.qemu_rc}); console:\n{res.console[-4000:]}"
-    bad = {k: v for k, v in got.items() if v in ("failed", "error")}
-    assert got and not bad, f"{bad}\n{(res.file('output.log') or '')[-6000:]}"
-    assert res.file("rc").split()[0] == "0", (res.file("output.log") or "")[-6000:]
+    pytest_in_vm.ran_clean(*vm_run)
 
 
 @pytest.mark.parametrize("node", MUST_PASS)

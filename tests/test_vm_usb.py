@@ -12,14 +12,9 @@ About 30 s on an idle machine (TCG); `make test` and `make vm-test` run it.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
-from conftest import ROOT
-from test_vm_cgroup2 import results
+from vm import pytest_in_vm
 
 TESTS = ["tests/test_devices_usb_gadget.py"]
 
@@ -35,26 +30,11 @@ MUST_PASS = [
 
 @pytest.fixture(scope="module")
 def vm_run():
-    from vm.harness import vm_or_skip
-    vm = vm_or_skip()
-    jobdir = Path(tempfile.mkdtemp(prefix="privbroker-vm-usb-"))
-    job = {"mode": "run", "cwd": str(ROOT),
-           "argv": [str(ROOT / ".venv/bin/python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "--junitxml=/vmjob/junit.xml", *TESTS]}
-    res = vm.run_job(job, timeout=900, jobdir=jobdir)
-    print(f"\nvm usb: {res.seconds:.0f} s in all; guest: {res.file('rc')}")
-    yield res, results(res)
-    if (res.file("rc") or "").split()[:1] == ["0"]:
-        shutil.rmtree(jobdir, ignore_errors=True)       # kept for a look when anything failed
+    yield from pytest_in_vm.run(TESTS, "usb")
 
 
 def test_the_vm_ran_the_usb_tests_and_none_failed(vm_run):
-    res, got = vm_run
-    assert res.file("rc") is not None, \
-        f"the VM never finished (qemu {res.qemu_rc}); console:\n{res.console[-4000:]}"
-    bad = {k: v for k, v in got.items() if v in ("failed", "error")}
-    assert got and not bad, f"{bad}\n{(res.file('output.log') or '')[-6000:]}"
-    assert res.file("rc").split()[0] == "0", (res.file("output.log") or "")[-6000:]
+    pytest_in_vm.ran_clean(*vm_run)
 
 
 @pytest.mark.parametrize("node", MUST_PASS)

@@ -809,18 +809,15 @@ def _spawn_and_become_init(ctx: _Ctx) -> "NoReturn":  # noqa: F821
 def _spawn_fd_actions(ctx: _Ctx) -> list:
     """posix_spawn file actions that make the program's fds exactly the
     requested ones (or our 0, 1, 2 when none were).  Every other fd of ours
-    is closed now or close-on-exec: the control socket and the status pipe,
-    and the sources, first moved above every target so that no dup2 clobbers
-    one of them."""
+    is closed now or close-on-exec: the control socket, the status pipe and
+    the staged sources."""
     ours = {ctx.sock.fileno(), ctx.status_fd}
     for fd in ours:
         os.set_inheritable(fd, False)
     if ctx.fds is None:
         _close_fds_except(ours | {0, 1, 2})
         return []
-    base = max([*ours, 2, *ctx.fds, *ctx.fds.values()]) + 1
-    staged = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, base)
-              for target, src in ctx.fds.items()}
+    _, staged = _stage_above_targets(ctx.fds, ours)
     _close_fds_except(ours | set(staged.values()))
     return [(os.POSIX_SPAWN_DUP2, tmp, target) for target, tmp in staged.items()]
 
@@ -865,16 +862,21 @@ def _step_fds(ctx: _Ctx) -> None:
     if ctx.fds is None:
         _close_fds_except({0, 1, 2, sock_fd})
         return
-    # Move every source out of the way first, so placing one never
-    # clobbers another (or the control socket).
-    base = max([sock_fd, 2, *ctx.fds, *ctx.fds.values()]) + 1
-    staged = {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, base)
-              for target, src in ctx.fds.items()}
+    base, staged = _stage_above_targets(ctx.fds, {sock_fd})
     new_sock = fcntl.fcntl(sock_fd, fcntl.F_DUPFD_CLOEXEC, base)
     ctx.sock = socket.socket(fileno=new_sock)
     for target, tmp in staged.items():
         os.dup2(tmp, target, inheritable=True)
     _close_fds_except(set(staged) | {new_sock})
+
+
+def _stage_above_targets(fds: dict[int, int], ours: set[int]) -> tuple[int, dict[int, int]]:
+    """Move every source out of the way first, so placing one never clobbers
+    another (or one of `ours`): target -> a close-on-exec copy of its source
+    at or above `base`, which is past every target, source and fd of ours."""
+    base = max([2, *ours, *fds, *fds.values()]) + 1
+    return base, {target: fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, base)
+                  for target, src in fds.items()}
 
 
 def _step_cwd(ctx: _Ctx) -> None:
