@@ -475,10 +475,20 @@ def test_cgroup_parent_puts_the_jail_there(world_tmp):
 # The API on its own: kill-all, accounting, removal, on v1 and on v2
 # ===========================================================================
 
+def _procs_fds(dirs) -> list[int]:
+    return [os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC) for d in dirs]
+
+
+def _join(fds: list[int]) -> None:
+    for fd in fds:
+        os.write(fd, b"0")          # "0": the writing process itself
+
+
 def spawn_in(cg: cgroups.Cgroup, *argv: str) -> subprocess.Popen:
-    fds = cg.join_fds()
+    """argv, in the cgroup from before its exec (it joins itself)."""
+    fds = _procs_fds(cg.dirs.values())
     try:
-        return subprocess.Popen(list(argv), preexec_fn=lambda: cgroups.join(fds),
+        return subprocess.Popen(list(argv), preexec_fn=lambda: _join(fds),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         for fd in fds:
@@ -492,6 +502,27 @@ def _versions():
     if V2_SYSTEM.version == V2:
         out.append(pytest.param(V2_SYSTEM, id="v2"))
     return out
+
+
+@pytest.mark.parametrize("system", _versions())
+def test_add_moves_a_process_in_everywhere_and_names_a_pid_it_cannot(system):
+    cg = system.create(f"pbt-{os.getpid()}-add", Limits())
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        cg.add(p.pid)
+        with open(f"/proc/{p.pid}/cgroup") as f:
+            lines = f.read().splitlines()
+        for h, path in cg.paths.items():
+            assert f"{h.proc_key()}:{path}" in [l.split(":", 1)[1] for l in lines], (h, lines)
+        assert cg.pids() == [p.pid]
+        p.kill()
+        p.wait()
+        with pytest.raises(cgroups.CgroupError, match=f"cannot move pid {p.pid}"):
+            cg.add(p.pid)           # reaped: no such process
+    finally:
+        p.kill()
+        p.wait()
+        assert cg.destroy() is True
 
 
 @pytest.mark.parametrize("system", _versions())
@@ -703,11 +734,11 @@ def test_members_of_a_cgroup_below_the_jails_are_found_and_killed(system):
     below = os.path.join(top, "inner")
     os.mkdir(below)
     try:
-        fd = os.open(f"{below}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        fds = _procs_fds([below])
         try:
-            p = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: cgroups.join([fd]))
+            p = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: _join(fds))
         finally:
-            os.close(fd)
+            os.close(fds[0])
         deadline = time.monotonic() + 5
         while p.pid not in cg.pids() and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -1,8 +1,8 @@
 """How launch() forks (broker/jail/launch.py `_fork`): a single-threaded
 launcher forks without the interpreter's at-fork hooks; one with other
 threads takes os.fork() and its hooks.  Either way the jail is the same:
-in its own cgroup from its first process on, its program's fds exactly the
-ones asked for.  Each case runs in a fresh interpreter (launch() makes its
+in its own cgroup before it runs anything of the jail, its program's fds
+exactly the ones asked for.  Each case runs in a fresh interpreter (launch() makes its
 caller a child subreaper)."""
 from __future__ import annotations
 
@@ -161,3 +161,79 @@ def test_removal_deferred_past_the_exit_only_for_an_empty_cgroup(ns):
         assert not r["deferred"] and not any(r["dirs_at_exit"]), r
         assert not r["sleeper_at_exit"], r
     assert not any(r["dirs_after"]), r
+
+
+CGROUP_TAKEN = r"""
+import json, os, sys
+from broker.jail import cgroups, config, launch as L
+name = f"pbt-taken-{os.getpid()}"
+spec = config.parse_command_line([*json.loads(sys.argv[1]), "--own-cgroup", "--", "/bin/true"])
+plan = cgroups.System.current().plan(cgroups.Limits.from_spec(spec))
+taken = plan[-1].dir_of(plan[-1].own.rstrip("/") + "/" + name)
+os.mkdir(taken)             # the last one made: the others are made first, then taken back
+try:
+    try:
+        L.launch(spec, cgroup_name=name)
+        raise SystemExit("launched")
+    except L.LaunchError as e:
+        error = [e.step, e.message]
+    try:
+        os.waitpid(-1, os.WNOHANG)
+        children = "some"
+    except ChildProcessError:
+        children = "none"
+    others = [h.dir_of(h.own.rstrip("/") + "/" + name) for h in plan[:-1]]
+    print(json.dumps({"error": error, "children": children,
+                      "left": [d for d in others if os.path.exists(d)]}))
+finally:
+    os.rmdir(taken)
+"""
+
+
+@pytest.mark.parametrize("ns", [["-p", "-v"], ["-v"],
+                                ["-p", "-v", "-U", "-m0 100000 10", "-M0 100000 10"]],
+                         ids=["pid-ns-direct", "no-pid-ns", "user-ns"])
+def test_a_cgroup_that_cannot_be_made_after_the_fork_leaves_nothing(ns):
+    """The cgroup is made once the jail's first process exists (while it
+    makes the namespaces): when that fails, the process is killed and
+    reaped, and what the cgroup's creation made is taken back, on each of
+    the three ways a launch starts."""
+    p = subprocess.run([sys.executable, "-c", CGROUP_TAKEN, json.dumps(ns)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["error"][0] == "cgroup" and "already exists" in r["error"][1], r
+    assert r["children"] == "none" and r["left"] == [], r
+
+
+def test_go_that_cannot_be_sent_is_a_failed_launch_not_an_exec():
+    """Forked into its pid namespace, the jail's pid 1 says nothing before
+    GO: GO is sent without waiting.  If pid 1 is gone by then, the end of
+    file that follows must not pass for an exec: its report (if it made
+    one) is the error, else 'exited before reporting'."""
+    import socket
+    from broker.jail import launch as L
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.send(L._MSG_ERROR + json.dumps({"step": "namespaces", "errno": 1,
+                                           "message": "unshare: denied"}).encode())
+    theirs.close()
+    went = L._send_go(ours)
+    with pytest.raises(L.LaunchError, match="unshare: denied"):
+        L._wait_for_exec(ours, went)
+    ours.close()
+    assert went is False
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.close()
+    went = L._send_go(ours)
+    with pytest.raises(L.LaunchError, match="exited before reporting"):
+        L._wait_for_exec(ours, went)
+    ours.close()
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    went = L._send_go(ours)
+    assert theirs.recv(16) == L._MSG_GO
+    theirs.close()                  # as at the program's exec: close-on-exec
+    L._wait_for_exec(ours, went)    # no error
+    ours.close()

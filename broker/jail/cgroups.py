@@ -5,8 +5,7 @@ jail engine sees a plain API:
 
     system = System.probe()                      # what this machine mounts
     cg = system.create("privjail-123-ab", Limits.from_spec(spec))
-    fds = cg.join_fds()                          # opened by the launcher...
-    join(fds)                                    # ...written by the child first thing
+    cg.add(pid)                                  # a child that has not run anything yet
     cg.stats()                                   # memory, pids, CPU time, OOM kills
     cg.kill_all()                                # every process, however it forked
     cg.remove()                                  # once the last process is gone
@@ -400,17 +399,6 @@ def _read_key(path: str, key: str) -> int | None:
     return None
 
 
-def join(fds: list[int]) -> None:
-    """In the jail's first process, before anything else: enter the cgroup
-    through the cgroup.procs fds the launcher opened, then close them."""
-    try:
-        for fd in fds:
-            os.write(fd, b"0")          # "0": the writing process itself
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
 # ---------------------------------------------------------------------------
 # One jail's cgroup
 # ---------------------------------------------------------------------------
@@ -491,20 +479,10 @@ class Cgroup:
         return out
 
     # -- joining ----------------------------------------------------------------
-    def join_fds(self) -> list[int]:
-        """cgroup.procs of every directory, opened for the child to write
-        (close-on-exec; `join` closes them)."""
-        fds: list[int] = []
-        try:
-            for d in self.dirs.values():
-                fds.append(os.open(f"{d}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
-        except OSError as e:
-            for fd in fds:
-                os.close(fd)
-            raise CgroupError("join", e.strerror, e.filename, e.errno) from None
-        return fds
-
     def add(self, pid: int) -> None:
+        """Move the process `pid` (all its threads) in, in every hierarchy.
+        The caller makes sure the pid names whom it means (its own child,
+        not yet reaped) and that the process has made no child yet."""
         for d in self.dirs.values():
             try:
                 _write(f"{d}/cgroup.procs", str(pid))

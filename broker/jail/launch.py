@@ -23,6 +23,10 @@ Processes (L is the caller of `launch`, e.g. privjail or the broker's launcher):
                  of this process, its copy-on-write faults and its teardown
                  at exec (~1.2 ms a launch; _become_init).
 
+The jail's cgroup is made by L while A makes the namespaces, and L moves A
+into it before it first answers A (MAPPED or GO): until then A makes no
+process and runs nothing of the jail, so every process of it is born inside.
+
 L only ever waits for, or signals, its own children (A, then B), by pids that
 cannot be recycled until L reaps them, and signals B through a pidfd: it can
 never hit the wrong process (the pitfall of Mozilla bug 986397).
@@ -314,59 +318,59 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
 
     A jail with limits (or own_cgroup) gets its own cgroup, named
     `cgroup_name` (default privjail-PID-RANDOM), under spec.cgroup_parent,
-    else `cgroup_parent`, else our own cgroup.  L makes it before forking
-    and its first process joins it before it does anything else.
+    else `cgroup_parent`, else our own cgroup.  L makes it while its first
+    child makes the namespaces, and moves that child into it before
+    answering it for the first time (_join_cgroup says why that is early
+    enough).
     """
     validate(spec)
     seccomp = seccomp_filter(spec)   # a policy that cannot compile: refused before any fork
     mount_ns = _open_mount_ns(spec)  # likewise a -V file that cannot be opened
     prctl.set_child_subreaper(1)
     sc.last_cap()                    # cached here once, so no jail's child reads /proc for it
-    cgroup = top = ours = theirs = None
-    join_fds: list[int] = []
+    ours = theirs = None
     status_r = status_w = -1
     try:
-        cgroup, join_fds = _make_cgroup(spec, cgroup_name, cgroup_parent)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         status_r, status_w = os.pipe()
-    except BaseException as e:
+    except BaseException:
         for sock in (ours, theirs):
             if sock is not None:
                 sock.close()
-        _close_all(join_fds, [status_r, status_w, mount_ns])
-        if cgroup is not None:
-            _drop_cgroup(cgroup, e)
+        _close_all([], [status_r, status_w, mount_ns])
         raise
     # Without a user namespace, L can fork the jail's pid 1 itself (one fork
     # fewer): the pid namespace must then be made by L, for its next child
     # only, and L's own is restored at once.  With one, the pid namespace
     # must belong to the new user namespace, so A makes both.
     direct = spec.has("pid") and not spec.has("user")
-    pid_a = None
+    pid_a = cgroup = top = None
     try:
         pid_a = _fork_into_new_pid_ns() if direct else _fork()
         if pid_a == 0:
             try:                        # never unwind into L's stack (nor its except below)
                 ours.close()
                 os.close(status_r)
-                ctx = _Ctx(spec, theirs, status_w, fds, seccomp, mount_ns, join_fds)
+                ctx = _Ctx(spec, theirs, status_w, fds, seccomp, mount_ns)
             except BaseException:
                 os._exit(EXIT_SETUP)
             _run_child_a(ctx, in_pid_ns=direct)  # never returns
         theirs.close()
-        _close_all(join_fds, [status_w, mount_ns])
-        top = _drive(spec, ours, pid_a)
+        _close_all([], [status_w, mount_ns])
+        cgroup = _make_cgroup(spec, cgroup_name, cgroup_parent)
+        if cgroup is not None:
+            _join_cgroup(cgroup, pid_a)
+        top = _drive(spec, ours, pid_a, direct)
         jail = Jail(top, os.pidfd_open(top), status_r, spec.has("pid") and spec.pid_init,
                     cgroup)
         if spec.pidfile:
             _write_pidfile(spec.pidfile, top)
-        ours.send(_MSG_GO)
-        _wait_for_exec(ours)
+        _wait_for_exec(ours, went=_send_go(ours))
         return jail
     except BaseException as e:
         if pid_a is None:               # the fork itself failed
             theirs.close()
-            _close_all(join_fds, [status_w, mount_ns])
+            _close_all([], [status_w, mount_ns])
         else:
             _abort(pid_a, top)
         os.close(status_r)
@@ -388,24 +392,31 @@ def _close_all(fds: list[int], more: list[int | None]) -> None:
 
 
 def _make_cgroup(spec: JailSpec, name: str | None,
-                 parent: str | None) -> tuple[cgroups.Cgroup | None, list[int]]:
-    """Make the jail's cgroup, before any fork; return it and its
-    cgroup.procs fds, which A writes itself into first thing (cgroups.join),
-    so every process of the jail is born inside, and no pid is ever named."""
+                 parent: str | None) -> cgroups.Cgroup | None:
+    """Make the jail's cgroup (None: it gets none)."""
     if not cgroups.wants_cgroup(spec):
-        return None, []
+        return None
     name = name or f"privjail-{os.getpid()}-{os.urandom(3).hex()}"
     try:
-        cg = cgroups.System.current().create(name, cgroups.Limits.from_spec(spec),
-                                             spec.cgroup_parent or parent)
+        return cgroups.System.current().create(name, cgroups.Limits.from_spec(spec),
+                                               spec.cgroup_parent or parent)
     except cgroups.CgroupError as e:        # create() left nothing behind
         err = LaunchError("cgroup", e.errno, str(e))
         err.unsupported = isinstance(e, cgroups.Unsupported)
         raise err from None
+
+
+def _join_cgroup(cg: cgroups.Cgroup, pid_a: int) -> None:
+    """Move A into the jail's cgroup.  Early enough: until L first answers
+    it (MAPPED or GO, both sent after this), A makes no process and runs
+    nothing of the jail, so every process of the jail is born inside; what
+    A did before (unshare) is the same for every jail.  Made here rather
+    than before the fork, the cgroup (~0.3 ms on cgroup v1) is ready while A
+    is still making its namespaces.  A is our child and not yet reaped: its
+    pid cannot name anyone else."""
     try:
-        return cg, cg.join_fds()
+        cg.add(pid_a)
     except cgroups.CgroupError as e:
-        cg.remove(timeout=0)                # empty: nothing has joined it yet
         raise LaunchError("cgroup", e.errno, str(e)) from None
 
 
@@ -519,13 +530,17 @@ def _fork_into_new_pid_ns() -> int:
         os.close(own)
 
 
-def _drive(spec: JailSpec, sock: socket.socket, pid_a: int) -> int:
-    """Talk A through the namespace setup; return the jail's top pid."""
+def _drive(spec: JailSpec, sock: socket.socket, pid_a: int, direct: bool) -> int:
+    """Talk A through the namespace setup; return the jail's top pid.
+    Forked directly into its pid namespace, A is the top and says nothing
+    until it fails or has exec'd: GO goes out without waiting for it."""
+    if direct:
+        return pid_a
     if spec.has("user"):
         _expect(sock, _MSG_USERNS)
         write_id_maps(pid_a, spec)
         sock.send(_MSG_MAPPED)
-    top = struct.unpack("=i", _expect(sock, _MSG_PID))[0] or pid_a
+    top = struct.unpack("=i", _expect(sock, _MSG_PID))[0]
     if top != pid_a:
         # A exits right after reporting; reaping it is what makes B our child.
         _, status = os.waitpid(pid_a, 0)
@@ -549,9 +564,21 @@ def _expect(sock: socket.socket, kind: bytes) -> bytes:
     _raise_reported(msg)
 
 
-def _wait_for_exec(sock: socket.socket) -> None:
+def _send_go(sock: socket.socket) -> bool:
+    """GO; False when the jail's top process is already gone (it may have
+    reported why first: _wait_for_exec reads that)."""
+    try:
+        sock.send(_MSG_GO)
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+
+
+def _wait_for_exec(sock: socket.socket, went: bool) -> None:
+    """End of file: the program has exec'd (every end of the socket is
+    close-on-exec), unless GO never reached the jail."""
     msg = sock.recv(4096)
-    if msg:
+    if msg or not went:
         _raise_reported(msg)
 
 
@@ -603,14 +630,12 @@ def _remove_quietly(path: str) -> None:
 class _Ctx:
     """What the child steps share: the spec, the control socket, the fds."""
 
-    def __init__(self, spec, sock, status_fd, fds, seccomp=None, mount_ns_fd=None,
-                 cgroup_fds=()):
+    def __init__(self, spec, sock, status_fd, fds, seccomp=None, mount_ns_fd=None):
         self.spec, self.sock, self.status_fd, self.fds = spec, sock, status_fd, fds
         self.step = "namespaces"
         self.ruleset = None       # the Landlock ruleset, built in the jail's view
         self.seccomp: PreparedFilter | None = seccomp   # compiled by L, loaded by C
         self.mount_ns_fd: int | None = mount_ns_fd   # -V: opened by L, joined by A
-        self.cgroup_fds = list(cgroup_fds)   # the jail cgroup's cgroup.procs: A joins first
 
 
 def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
@@ -630,14 +655,8 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
     spec, sock = ctx.spec, ctx.sock
     try:
         prctl.set_pdeathsig(signal.SIGKILL)   # A must not outlive a dead L
-        if ctx.cgroup_fds:                    # before anything: all of the jail is in it
-            ctx.step = "cgroup"
-            fds, ctx.cgroup_fds = ctx.cgroup_fds, []
-            try:
-                cgroups.join(fds)             # and closes them
-            except OSError as e:
-                raise OSError(e.errno, f"cannot join the jail's cgroup: {e.strerror}") from None
-            ctx.step = "namespaces"
+        # Until L first answers (MAPPED, GO) A makes no process and runs
+        # nothing of the jail: L moves A into the jail's cgroup meanwhile.
         if ctx.mount_ns_fd is not None:       # first: needs the launcher's full privilege
             sc.setns(ctx.mount_ns_fd, sc.CLONE_NEWNS)
             os.close(ctx.mount_ns_fd)
@@ -653,8 +672,7 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
         if flags:
             sc.unshare(flags)
         if in_pid_ns:
-            sock.send(_MSG_PID + struct.pack("=i", 0))   # 0: L knows our pid from fork()
-            _run_jail(ctx)
+            _run_jail(ctx)              # L knows our pid from fork(): nothing to report
         if spec.has("pid"):
             pid_b = _fork()     # B: pid 1 of the new pid namespace
             if pid_b == 0:
