@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import time
 
@@ -438,6 +440,56 @@ def test_mount_dev_alone():
     assert mp["/dev"]["fstype"] == "tmpfs"
     assert mp["/dev/pts"]["fstype"] == "devpts"
     assert "null" in r.report["dev_entries"] and "sda" not in r.report["dev_entries"]
+
+
+DEV_NODE_CHECK = r"""
+import errno, json, os, stat
+out = {}
+for name in ("null", "zero", "full", "random", "urandom", "tty"):
+    st = os.stat("/dev/" + name)
+    out[name] = {"chr": stat.S_ISCHR(st.st_mode), "rdev": st.st_rdev,
+                 "mode": stat.S_IMODE(st.st_mode)}
+with open("/dev/null", "r+b", buffering=0) as f:
+    out["null_io"] = [f.write(b"x"), f.read(1).hex()]
+with open("/dev/zero", "rb") as f:
+    out["zero_read"] = f.read(4).hex()
+with open("/dev/urandom", "rb") as f:
+    out["urandom_len"] = len(f.read(16))
+try:
+    with open("/dev/full", "wb", buffering=0) as f:
+        f.write(b"x")
+    out["full_write"] = "ok"
+except OSError as e:
+    out["full_write"] = errno.errorcode[e.errno]
+out["mounted"] = sorted(line.split()[4] for line in open("/proc/self/mountinfo")
+                        if line.split()[4].startswith("/dev/") and line.split()[4] != "/dev/pts")
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("flags,bound", [
+    (["-u", "nobody", "-g", "nogroup"], False),
+    (["-U", "-m0 100000 10", "-M0 100000 10", "-u", "0", "-g", "0"], True),
+], ids=["host-root-makes-nodes", "user-ns-binds-them"])
+def test_minimal_dev_nodes_are_the_hosts_devices_and_work(flags, bound):
+    """-d's nodes open the host's devices, with their modes, for an
+    unprivileged program.  Without a user namespace they are nodes of the
+    jail's own (mknod, no mount each); in one, where mknod is refused, binds
+    of the host's: both ways are checked, and the mount table says which
+    was taken.  In a user namespace this also needs A to take the
+    namespace's root ids first (the nodes' files could have no owner)."""
+    r = privjail("-v", "-d", *flags, program=[JAIL_PYTHON, "-c", DEV_NODE_CHECK])
+    assert r.rc == 0, r.stderr
+    seen = json.loads(r.stdout)
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        host = os.stat("/dev/" + name)
+        assert seen[name] == {"chr": True, "rdev": host.st_rdev,
+                              "mode": stat.S_IMODE(host.st_mode)}, name
+    assert seen["null_io"] == [1, ""]             # takes the write, reads end of file
+    assert seen["zero_read"] == "00000000" and seen["urandom_len"] == 16
+    assert seen["full_write"] == "ENOSPC"
+    nodes = {f"/dev/{n}" for n in ("null", "zero", "full", "random", "urandom", "tty")}
+    assert (nodes <= set(seen["mounted"])) if bound else not (nodes & set(seen["mounted"]))
 
 
 def test_binds_into_a_minimal_dev_land_on_it():

@@ -666,6 +666,7 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
             sock.send(_MSG_USERNS)
             if sock.recv(16) != _MSG_MAPPED:
                 os._exit(EXIT_SETUP)
+            _take_namespace_root(spec)
         flags = 0
         for ns in spec.namespaces - {"user"} - ({"pid"} if in_pid_ns else set()):
             flags |= sc.NS_FLAGS[ns]
@@ -683,6 +684,19 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
         _run_jail(ctx)
     except BaseException as e:
         _report_and_exit(ctx, e)
+
+
+def _take_namespace_root(spec: JailSpec) -> None:
+    """In its new user namespace A still has the host's ids, which the maps
+    do not give (they read as the overflow id there): a file the setup makes
+    (the minimal /dev's nodes) could have no owner, and the kernel refuses
+    it (EOVERFLOW).  So A takes the namespace's root ids where the maps give
+    them.  Its capabilities stay: the kernel clears them only on a change
+    away from the namespace's root uid, and this is a change to it."""
+    if any(m.inside == 0 for m in spec.gid_map):
+        os.setresgid(0, 0, 0)
+    if any(m.inside == 0 for m in spec.uid_map):
+        os.setresuid(0, 0, 0)
 
 
 def _await_go(ctx: _Ctx) -> None:

@@ -167,8 +167,8 @@ def fs_mount(tree: _Tree, m: Mount) -> None:
 
 
 def build_dev(tree: _Tree) -> None:
-    """A minimal /dev: a tmpfs holding binds of a few harmless host nodes,
-    a private devpts instance, and the usual symlinks."""
+    """A minimal /dev: a tmpfs holding a few harmless device nodes, a
+    private devpts instance, and the usual symlinks."""
     dev = tree.host_path("/dev")
     _ensure_destination(tree, dev, like_dir=True)
     # Hold the host nodes first: without a new root, the tmpfs below covers
@@ -183,9 +183,7 @@ def build_dev(tree: _Tree) -> None:
         sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755,size=64k")
         tree.own_tmpfs.append(dev)
         for name, fd in nodes.items():
-            target = os.path.join(dev, name)
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-            sc.mount(f"/proc/self/fd/{fd}", target, None, sc.MS_BIND)
+            _copy_node(fd, os.path.join(dev, name))
     finally:
         for fd in nodes.values():
             os.close(fd)
@@ -196,6 +194,28 @@ def build_dev(tree: _Tree) -> None:
              "newinstance,ptmxmode=0666,mode=0620")
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
     os.chmod(os.path.join(dev, "shm"), 0o1777)
+
+
+def _copy_node(host_fd: int, target: str) -> None:
+    """The host node at `host_fd`, at `target` on the jail's /dev tmpfs: a
+    node of our own with the same device number, owner and mode where we
+    may make one (no user namespace: about a third of the cost of a bind
+    mount, and one mount fewer in the jail's table), else a bind of the
+    host node (in a user namespace mknod is EPERM).  Both open the same
+    device under the same checks: it is the number that names the device."""
+    st = os.fstat(host_fd)
+    if not stat.S_ISCHR(st.st_mode):
+        raise MountError(22, f"/dev/{os.path.basename(target)} on the host is not a "
+                             "character device", target)
+    try:
+        os.mknod(target, stat.S_IFCHR | 0o600, st.st_rdev)
+    except PermissionError:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+        sc.mount(f"/proc/self/fd/{host_fd}", target, None, sc.MS_BIND)
+        return
+    # the mode last, so that it is exactly the host's whatever our umask
+    os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, stat.S_IMODE(st.st_mode))
 
 
 def mount_tmp(tree: _Tree, size: int) -> None:
