@@ -12,8 +12,12 @@
              process and waited for: no D-Bus, no front, no launcher hop (this
              process holds dbus-fast and asyncio, more than the launcher does,
              and a bigger process forks slower: the engine's share, not a floor)
-Also launches per second, with 8 launches in flight.  Prints figures and
-ratios; asserts nothing.
+Also launches per second, with 8 launches in flight, and the same three
+launches one at a time after IDLE_S of idleness each ("after idle"): a
+launcher that sits idle between sporadic requests is the common case, and
+the kernel makes some first operations after idleness slower (a cgroup
+migration can wait for an RCU grace period; README.md, "Launch latency").
+Prints figures and ratios; asserts nothing.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
+IDLE_S = 0.1          # idleness before each "after idle" launch
+IDLE_SHARE = 4        # that many fewer of those than interleaved runs
+
+
 def pct(samples, p):
     s = sorted(samples)
     return s[min(len(s) - 1, int(len(s) * p / 100))] * 1000
@@ -39,7 +47,8 @@ def pct(samples, p):
 async def measure(address: str, runs: int) -> dict:
     from client import AsyncBroker
     b = await AsyncBroker(address).connect()
-    out = {"broker": [], "noop": [], "bwrap": [], "engine": []}
+    out = {"broker": [], "noop": [], "bwrap": [], "engine": [],
+           "idle broker": [], "idle engine": [], "idle bwrap": []}
     bwrap = shutil.which("bwrap")
     engine = _engine_launcher()
     try:
@@ -62,6 +71,21 @@ async def measure(address: str, runs: int) -> dict:
                 subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
                                check=True)
                 out["bwrap"].append(time.perf_counter() - t)
+        for _ in range(max(1, runs // IDLE_SHARE)):
+            for name, start in (("broker", None), ("engine", engine), ("bwrap", bwrap)):
+                if name == "bwrap" and not bwrap:
+                    continue
+                time.sleep(IDLE_S)
+                t = time.perf_counter()
+                if name == "broker":
+                    jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
+                    await b.wait(jid)
+                elif name == "engine":
+                    engine()
+                else:
+                    subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
+                                   check=True)
+                out["idle " + name].append(time.perf_counter() - t)
         n, t = runs, time.perf_counter()
         for batch in range(0, n, 8):
             launched = await asyncio.gather(*(b.launch("minimal", ["/bin/true"], fds={})
@@ -132,6 +156,15 @@ def main() -> None:
                 f"p99 {pct(r[name], 99):7.2f} ms")
         if bw and name != "bwrap":
             line += f"   x{statistics.median(r[name]) / bw:.2f} of bwrap"
+        print(line)
+    ibw = statistics.median(r["idle bwrap"]) if r["idle bwrap"] else None
+    print(f"after {IDLE_S * 1000:.0f} ms idle, {len(r['idle broker'])} runs each:")
+    for name in ("idle bwrap", "idle broker", "idle engine"):
+        if not r[name]:
+            continue
+        line = (f"{name[5:]:7s} p50 {pct(r[name], 50):7.2f} ms  p90 {pct(r[name], 90):7.2f} ms")
+        if ibw and name != "idle bwrap":
+            line += f"   x{statistics.median(r[name]) / ibw:.2f} of bwrap"
         print(line)
     print(f"broker launches per second (8 in flight): {r['rate']:.0f}")
 
