@@ -337,7 +337,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
         for sock in (ours, theirs):
             if sock is not None:
                 sock.close()
-        _close_all([], [status_r, status_w, mount_ns])
+        _close_all([status_r, status_w, mount_ns])
         raise
     # Without a user namespace, L can fork the jail's pid 1 itself (one fork
     # fewer): the pid namespace must then be made by L, for its next child
@@ -356,7 +356,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
                 os._exit(EXIT_SETUP)
             _run_child_a(ctx, in_pid_ns=direct)  # never returns
         theirs.close()
-        _close_all([], [status_w, mount_ns])
+        _close_all([status_w, mount_ns])
         cgroup = _make_cgroup(spec, cgroup_name, cgroup_parent)
         if cgroup is not None:
             _join_cgroup(cgroup, pid_a)
@@ -370,7 +370,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
     except BaseException as e:
         if pid_a is None:               # the fork itself failed
             theirs.close()
-            _close_all([], [status_w, mount_ns])
+            _close_all([status_w, mount_ns])
         else:
             _abort(pid_a, top)
         os.close(status_r)
@@ -383,12 +383,11 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
         ours.close()
 
 
-def _close_all(fds: list[int], more: list[int | None]) -> None:
-    """Close L's copies of what only a child needs (each at most once)."""
-    for fd in [*fds, *more]:
+def _close_all(fds: list[int | None]) -> None:
+    """Close L's copies of what only a child needs (None, -1: not open)."""
+    for fd in fds:
         if fd is not None and fd >= 0:
             os.close(fd)
-    fds.clear()
 
 
 def _make_cgroup(spec: JailSpec, name: str | None,

@@ -199,10 +199,11 @@ def build_dev(tree: _Tree) -> None:
 def _copy_node(host_fd: int, target: str) -> None:
     """The host node at `host_fd`, at `target` on the jail's /dev tmpfs: a
     node of our own with the same device number, owner and mode where we
-    may make one (no user namespace: about a third of the cost of a bind
-    mount, and one mount fewer in the jail's table), else a bind of the
-    host node (in a user namespace mknod is EPERM).  Both open the same
-    device under the same checks: it is the number that names the device."""
+    may make one (no user namespace; one mount fewer in the jail's table),
+    else a bind of the host node (in a user namespace mknod is EPERM).
+    Both open the same device under the same checks: it is the number that
+    names the device.  A host node that is no character device is refused
+    rather than copied or bound."""
     st = os.fstat(host_fd)
     if not stat.S_ISCHR(st.st_mode):
         raise MountError(22, f"/dev/{os.path.basename(target)} on the host is not a "
