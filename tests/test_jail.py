@@ -550,3 +550,18 @@ def test_enter_a_mount_namespace(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_dev_node_that_is_no_character_device_is_refused(tmp_path):
+    """-d copies (or binds) only character devices: a host 'node' that is
+    anything else is a named error, and nothing is made in its place."""
+    from broker.jail import mounts
+    fake = tmp_path / "null"
+    fake.write_text("not a device\n")
+    fd = os.open(fake, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with pytest.raises(mounts.MountError, match="not a character device"):
+            mounts._copy_node(fd, str(tmp_path / "jail-null"))
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "jail-null").exists()
