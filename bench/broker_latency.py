@@ -72,7 +72,7 @@ async def measure(address: str, runs: int) -> dict:
                                check=True)
                 out["bwrap"].append(time.perf_counter() - t)
         for _ in range(max(1, runs // IDLE_SHARE)):
-            for name, start in (("broker", None), ("engine", engine), ("bwrap", bwrap)):
+            for name in ("broker", "engine", "bwrap"):
                 if name == "bwrap" and not bwrap:
                     continue
                 time.sleep(IDLE_S)
