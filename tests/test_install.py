@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import PrivateBus
+from dbus_fixture import PrivateBus, stop_broker
 
 UNIT = ROOT / "systemd" / "privbrokerd.service"
 PREFIX = "/usr/local"
@@ -304,9 +304,4 @@ def _installed_broker_serves() -> None:
                                env=env, timeout=60)
             assert r.returncode == 0 and r.stdout == "via the installed broker\n", r.stderr
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_broker(proc)
