@@ -461,26 +461,30 @@ try:
     out["full_write"] = "ok"
 except OSError as e:
     out["full_write"] = errno.errorcode[e.errno]
+out["ids"] = [os.getuid(), os.getgid()]
 out["mounted"] = sorted(line.split()[4] for line in open("/proc/self/mountinfo")
                         if line.split()[4].startswith("/dev/") and line.split()[4] != "/dev/pts")
 print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("flags,bound", [
-    (["-u", "nobody", "-g", "nogroup"], False),
-    (["-U", "-m0 100000 10", "-M0 100000 10", "-u", "0", "-g", "0"], True),
-], ids=["host-root-makes-nodes", "user-ns-binds-them"])
-def test_minimal_dev_nodes_are_the_hosts_devices_and_work(flags, bound):
+@pytest.mark.parametrize("flags,bound,ids", [
+    (["-u", "nobody", "-g", "nogroup"], False, [NOBODY, NOGROUP]),
+    (["-U", "-m0 100000 10", "-M0 100000 10", "-u", "0", "-g", "0"], True, [0, 0]),
+    (["-U", "-m1000 1000 1", "-M1000 1000 1", "-u", "1000", "-g", "1000"], True, [1000, 1000]),
+], ids=["host-root-makes-nodes", "user-ns-binds-them", "user-ns-without-0"])
+def test_minimal_dev_nodes_are_the_hosts_devices_and_work(flags, bound, ids):
     """-d's nodes open the host's devices, with their modes, for an
     unprivileged program.  Without a user namespace they are nodes of the
     jail's own (mknod, no mount each); in one, where mknod is refused, binds
     of the host's: both ways are checked, and the mount table says which
-    was taken.  In a user namespace this also needs A to take the
-    namespace's root ids first (the nodes' files could have no owner)."""
+    was taken.  In a user namespace this also needs A to take ids the maps
+    give first (the nodes' files could have no owner): the namespace's root,
+    or, where 0 is not mapped, the jail's own -u/-g."""
     r = privjail("-v", "-d", *flags, program=[JAIL_PYTHON, "-c", DEV_NODE_CHECK])
     assert r.rc == 0, r.stderr
     seen = json.loads(r.stdout)
+    assert seen["ids"] == ids
     for name in ("null", "zero", "full", "random", "urandom", "tty"):
         host = os.stat("/dev/" + name)
         assert seen[name] == {"chr": True, "rdev": host.st_rdev,
@@ -490,6 +494,33 @@ def test_minimal_dev_nodes_are_the_hosts_devices_and_work(flags, bound):
     assert seen["full_write"] == "ENOSPC"
     nodes = {f"/dev/{n}" for n in ("null", "zero", "full", "random", "urandom", "tty")}
     assert (nodes <= set(seen["mounted"])) if bound else not (nodes & set(seen["mounted"]))
+
+
+def test_minimal_dev_in_a_user_namespace_mapping_no_id_of_the_setup_says_why():
+    """Neither 0 nor a -u/-g mapped: the setup keeps the overflow ids, -d
+    cannot make its files, and the error says what to map."""
+    r = privjail("-v", "-d", "-U", "-m1000 1000 1", "-M1000 1000 1",
+                 program=["/bin/true"])
+    assert r.rc == 251, r.stderr                       # a mount step failed
+    assert "Value too large" in r.stderr and "map 0, or pass -u/-g ids" in r.stderr
+
+
+def test_setup_ids_are_ids_the_maps_give():
+    from dataclasses import replace
+
+    from broker.jail.launch import setup_ids
+    from broker.jail.spec import IdMap, JailSpec
+    base = JailSpec(argv=("/bin/true",), namespaces=frozenset({"user"}))
+
+    def ids(uid_map, gid_map, uid=None, gid=None):
+        return setup_ids(replace(base, uid_map=tuple(IdMap(*m) for m in uid_map),
+                                 gid_map=tuple(IdMap(*m) for m in gid_map), uid=uid, gid=gid))
+    assert ids([(0, 100000, 10)], [(0, 100000, 10)], 3, 4) == (0, 0)     # root first
+    assert ids([(1000, 1000, 1)], [(1000, 1000, 1)], 1000, 1000) == (1000, 1000)
+    assert ids([(1000, 5000, 10)], [(2000, 6000, 1)], 1009, 2000) == (1009, 2000)
+    assert ids([(1000, 5000, 10)], [(2000, 6000, 1)], 1010, 2001) == (None, None)   # past the ends
+    assert ids([(1000, 1000, 1)], [(1000, 1000, 1)]) == (None, None)     # no -u/-g, no 0
+    assert ids([(1000, 1000, 1)], [(0, 100000, 1)], None, 7) == (None, 0)
 
 
 def test_binds_into_a_minimal_dev_land_on_it():

@@ -641,6 +641,10 @@ def _report_and_exit(ctx: _Ctx, exc: BaseException) -> "NoReturn":  # noqa: F821
     err = getattr(exc, "errno", None) or 0
     message = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename \
         else (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    if err == _errno.EOVERFLOW and ctx.spec.has("user"):
+        message += (" (the user namespace's maps give neither 0 nor the jail's -u/-g ids, so "
+                    "a file the setup makes would have no owner: map 0, or pass -u/-g ids "
+                    "the maps give)")
     try:
         ctx.sock.send(_MSG_ERROR + json.dumps(
             {"step": ctx.step, "errno": err, "message": message or type(exc).__name__}).encode())
@@ -665,7 +669,7 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
             sock.send(_MSG_USERNS)
             if sock.recv(16) != _MSG_MAPPED:
                 os._exit(EXIT_SETUP)
-            _take_namespace_root(spec)
+            _take_setup_ids(spec)
         flags = 0
         for ns in spec.namespaces - {"user"} - ({"pid"} if in_pid_ns else set()):
             flags |= sc.NS_FLAGS[ns]
@@ -685,17 +689,36 @@ def _run_child_a(ctx: _Ctx, in_pid_ns: bool) -> "NoReturn":  # noqa: F821
         _report_and_exit(ctx, e)
 
 
-def _take_namespace_root(spec: JailSpec) -> None:
-    """In its new user namespace A still has the host's ids, which the maps
-    do not give (they read as the overflow id there): a file the setup makes
-    (the minimal /dev's nodes) could have no owner, and the kernel refuses
-    it (EOVERFLOW).  So A takes the namespace's root ids where the maps give
-    them.  Its capabilities stay: the kernel clears them only on a change
-    away from the namespace's root uid, and this is a change to it."""
-    if any(m.inside == 0 for m in spec.gid_map):
-        os.setresgid(0, 0, 0)
-    if any(m.inside == 0 for m in spec.uid_map):
-        os.setresuid(0, 0, 0)
+def setup_ids(spec: JailSpec) -> tuple[int | None, int | None]:
+    """The uid and gid A takes in its new user namespace for the setup
+    (None: keep what it has).
+
+    Until then A still has the host's ids, which the maps need not give
+    (they read as the overflow id there), and a file the setup makes (the
+    minimal /dev's nodes) could then have no owner: the kernel refuses it
+    (EOVERFLOW).  So A takes ids the maps give: the namespace's root where
+    they map 0, else the jail's own -u/-g where they map those (the program
+    runs as them anyway).  Otherwise A keeps the overflow ids, and a step
+    that must make a file fails, with an error that says why."""
+    def pick(mapping, wanted):
+        for candidate in (0, wanted):
+            if candidate is not None and any(m.inside <= candidate < m.inside + m.count
+                                             for m in mapping):
+                return candidate
+        return None
+    return pick(spec.uid_map, spec.uid), pick(spec.gid_map, spec.gid)
+
+
+def _take_setup_ids(spec: JailSpec) -> None:
+    """Take setup_ids().  A keeps its capabilities in the namespace: the
+    kernel clears them only on a change away from the namespace's root uid,
+    and A (host uid 0) is not that uid unless the maps give 0, in which
+    case this is a change *to* it."""
+    uid, gid = setup_ids(spec)
+    if gid is not None:
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
 
 
 def _await_go(ctx: _Ctx) -> None:
