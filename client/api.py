@@ -51,6 +51,11 @@ def _variant(v) -> Variant:
     raise TypeError(f"cannot send option value {v!r}")
 
 
+def _gone() -> BrokerCallError:
+    return BrokerCallError("org.freedesktop.DBus.Error.NameHasNoOwner",
+                           "the broker left the bus (stopped or crashed); its jails ended with it")
+
+
 class AsyncBroker:
     def __init__(self, bus_address: str | None = None):
         self.bus_address = bus_address
@@ -101,9 +106,8 @@ class AsyncBroker:
         from broker import busfix
         busfix.own_fds(msg)      # dbus-fast shares one list between messages (busfix)
         if (msg.message_type == MessageType.SIGNAL and msg.sender == "org.freedesktop.DBus"
-                and msg.member == "NameOwnerChanged" and msg.body[:2] == [BUS_NAME,
-                                                                         self.broker_name]):
-            self._broker_gone()
+                and msg.member == "NameOwnerChanged" and msg.body[0] == BUS_NAME):
+            self._owner_changed(msg.body[1], msg.body[2])
             return None
         if (msg.message_type == MessageType.SIGNAL and msg.interface == IFACE
                 and msg.member == "Exited" and msg.sender == self.broker_name):
@@ -116,13 +120,24 @@ class AsyncBroker:
                 if not self._exit_future(jail_id).done() else None
         return None
 
-    def _broker_gone(self) -> None:
-        """Every jail still waited for ended with the broker: say so."""
-        for future in self.exits.values():
-            if not future.done():
-                future.set_exception(BrokerCallError(
-                    "org.freedesktop.DBus.Error.NameHasNoOwner",
-                    "the broker left the bus (stopped or crashed); its jails ended with it"))
+    def _owner_changed(self, old: str, new: str) -> None:
+        """The broker's name changed hands.  The broker that left took its
+        jails with it (KillMode=mixed; a launcher that dies kills them):
+        every wait ends.  Whoever owns the name next (a restart) is the
+        broker from now on: its Exited count, so a long-lived client goes on
+        with it (calls go to the well-known name anyway)."""
+        if old and old == self.broker_name:
+            for future in self.exits.values():
+                if not future.done():
+                    future.set_exception(_gone())
+        self.broker_name = new or None
+
+    def _launched(self, jail_id: str, by: str | None) -> None:
+        """Wait for this jail's Exited, unless the broker that launched it
+        (`by`, the reply's sender) already left: its Exited will never come."""
+        future = self._exit_future(jail_id)
+        if by != self.broker_name and not future.done():
+            future.set_exception(_gone())
 
     def _exit_future(self, jail_id: str) -> asyncio.Future:
         if jail_id not in self.exits:
@@ -130,13 +145,16 @@ class AsyncBroker:
         return self.exits[jail_id]
 
     async def _call(self, dest, path, iface, member, signature="", body=(), fds=()):
+        return (await self._call_reply(dest, path, iface, member, signature, body, fds)).body
+
+    async def _call_reply(self, dest, path, iface, member, signature="", body=(), fds=()):
         async with self.in_flight:
             reply = await self.bus.call(Message(destination=dest, path=path, interface=iface,
                                                 member=member, signature=signature,
                                                 body=list(body), unix_fds=list(fds)))
         if reply.message_type == MessageType.ERROR:
             raise BrokerCallError(reply.error_name, reply.body[0] if reply.body else "")
-        return reply.body
+        return reply
 
     async def call(self, member: str, signature: str = "", body=(), fds=()):
         return await self._call(BUS_NAME, PATH, IFACE, member, signature, body, fds)
@@ -147,12 +165,13 @@ class AsyncBroker:
         numbers to ours (default: our 0, 1, 2)."""
         fds = {0: 0, 1: 1, 2: 2} if fds is None else fds
         order = sorted(fds)
-        jail_id, pid = await self.call(
-            "Launch", "sasa{ss}a{uh}a{sv}",
+        reply = await self._call_reply(
+            BUS_NAME, PATH, IFACE, "Launch", "sasa{ss}a{uh}a{sv}",
             [profile, list(argv), dict(env or {}), {n: i for i, n in enumerate(order)},
              {k: _variant(v) for k, v in (options or {}).items()}],
             fds=[fds[n] for n in order])
-        self._exit_future(jail_id)
+        jail_id, pid = reply.body
+        self._launched(jail_id, reply.sender)
         return jail_id, pid
 
     async def wait(self, jail_id: str) -> ExitStatus:

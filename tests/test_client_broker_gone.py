@@ -61,3 +61,84 @@ def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig, tmp_pa
                 p.wait()
     assert client.returncode == 1, (out, err)
     assert "the broker left the bus" in err and "NameHasNoOwner" in err, err
+
+
+def test_a_client_goes_on_with_the_broker_that_replaced_the_one_it_met(bus, tmp_path):
+    """A long-lived client (a session manager) outlives a broker restart: its
+    calls reach the new broker by name, and the new broker's Exited (from
+    another unique name) ends its waits too."""
+    import asyncio
+
+    from client import AsyncBroker
+    from dbus_fixture import stop_broker
+    config, log = ROOT / "examples" / "broker.toml", tmp_path / "broker.log"
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    brokers = [start_broker(bus, config, log)]
+
+    async def run_true(b) -> int:
+        jail_id, _ = await b.launch("minimal", ["/bin/true"], fds={0: null, 1: null, 2: null})
+        return (await asyncio.wait_for(b.wait(jail_id), 15)).code
+
+    async def scenario():
+        b = await AsyncBroker(bus.address).connect()
+        try:
+            assert await run_true(b) == 0
+            stop_broker(brokers[0])
+            brokers.append(start_broker(bus, config, log))
+            assert await run_true(b) == 0
+        finally:
+            b.close()
+    try:
+        asyncio.run(scenario())
+    finally:
+        for p in brokers:
+            stop_broker(p)
+        os.close(null)
+
+
+def test_which_broker_a_waits_answer_comes_from():
+    """The client's bookkeeping, message by message: Exited counts from the
+    name's current owner; an owner change ends the waits of the one that
+    left, also when the name passes straight to a new owner; a Launch
+    answered by a broker that has already left (its reply read after the
+    bus said so) is not waited for forever."""
+    import asyncio
+
+    from dbus_fast import Message, MessageType
+
+    from client import AsyncBroker
+    from client.api import BUS_NAME, IFACE, BrokerCallError
+
+    def owner_changed(old, new):
+        return Message(message_type=MessageType.SIGNAL, path="/org/freedesktop/DBus",
+                       interface="org.freedesktop.DBus", member="NameOwnerChanged",
+                       signature="sss", body=[BUS_NAME, old, new], sender="org.freedesktop.DBus")
+
+    def exited(sender, jail_id, code=0):
+        return Message(message_type=MessageType.SIGNAL, path="/org/privbroker/Broker1",
+                       interface=IFACE, member="Exited", signature="sii",
+                       body=[jail_id, code, 0], sender=sender)
+
+    async def scenario():
+        b = AsyncBroker("unix:path=/nonexistent")
+        b.broker_name = ":1.5"
+        b._launched("a", ":1.5")
+        b._launched("b", ":1.5")
+        b._on_message(exited(":1.9", "a"))            # not the broker: ignored
+        assert not b.exits["a"].done()
+        b._on_message(exited(":1.5", "a", 3))
+        assert (await b.wait("a")).code == 3
+        b._on_message(owner_changed(":1.5", ":1.7"))   # replaced at once
+        with pytest.raises(BrokerCallError, match="left the bus"):
+            await b.wait("b")
+        b._launched("c", ":1.7")
+        b._on_message(exited(":1.7", "c", 0))
+        assert (await b.wait("c")).code == 0
+        b._launched("d", ":1.5")                        # answered by the one that left
+        with pytest.raises(BrokerCallError, match="left the bus"):
+            await b.wait("d")
+        b._on_message(owner_changed(":1.7", ""))       # stopped, nobody yet
+        assert b.broker_name is None
+        b._on_message(owner_changed("", ":1.8"))
+        assert b.broker_name == ":1.8"
+    asyncio.run(scenario())
