@@ -41,6 +41,9 @@ needs_v2 = pytest.mark.skipif(
 needs_limits = pytest.mark.skipif(not (V1_FULL or V2_FULL), reason="needs the v1 hierarchies "
                                   "or cgroup v2 with the memory, pids and cpu controllers")
 needs_v2_mount = pytest.mark.skipif(V2_SYSTEM.version != V2, reason="no cgroup2 mount")
+needs_device_control = pytest.mark.skipif(
+    not (V1_FULL or SYSTEM.version == V2),
+    reason="needs the v1 hierarchies or cgroup v2 (its device programs need no controller)")
 
 
 def all_hierarchies() -> list[cgroups.Hierarchy]:
@@ -380,9 +383,10 @@ print(json.dumps(seen))
 """
 
 
-@needs_v1
+@needs_device_control
 @pytest.mark.parametrize("ns", [[], ["-p", "-v"]], ids=["host-dev", "pid-and-mount-ns"])
 def test_devices_outside_the_allow_list_cannot_be_opened_even_by_root(ns, world_tmp):
+    """v1: the devices controller; v2 (in the VM): the device program."""
     node = str(world_tmp / "mem")
     r = run_privjail(*ns, "--allow-forbidden-intersection", "--device-allow", "c 1:3 rwm",
                      "--device-allow", "c 1:5 r", "--", JAIL_PYTHON, "-c", DEVICE_PROBE, node)
@@ -674,24 +678,58 @@ def test_memory_limit_and_oom_count_on_v2():
     assert not os.path.exists(cg.dir("memory"))
 
 
-@needs_v2
-def test_privjail_refuses_a_device_allow_list_on_v2_and_leaves_nothing():
-    """No eBPF device program: a device list is refused by name, before the
-    jail runs, rather than pretended."""
-    marker = f"devices-v2-{time.monotonic_ns()}"
-    r = run_privjail("-p", "--allow-forbidden-intersection", "--device-allow", "c 1:3 rwm",
-                     "--", "/bin/echo", marker)
-    assert r.returncode != 0 and marker not in r.stdout, r
-    assert "eBPF device program" in r.stderr, r.stderr
-    assert r.left == set()
+@needs_v2_mount
+def test_a_v2_device_program_refuses_what_no_rule_allows(world_tmp):
+    """The program devfilter builds, attached by create() to a cgroup of the
+    v2 hierarchy (this machine's unified mount, with no controllers: device
+    programs need none), enforced by the kernel on a root process in it."""
+    node = str(world_tmp / "mem")
+    cg = V2_SYSTEM.create(f"pbt-{os.getpid()}-devbpf",
+                          Limits(devices=(DeviceRule("c", 1, 3, "rwm"), DeviceRule("c", 1, 5, "r"))))
+    try:
+        fds = _procs_fds(cg.dirs.values())
+        try:
+            inside = subprocess.run([JAIL_PYTHON, "-c", DEVICE_PROBE, node], capture_output=True,
+                                    text=True, timeout=60, preexec_fn=lambda: _join(fds))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        assert cg.destroy() is True
+    assert json.loads(inside.stdout) == {
+        "/dev/null r+b": "ok", "/dev/zero rb": "ok", "/dev/zero r+b": "EPERM",
+        "/dev/full rb": "EPERM", "mknod": "EPERM", "uid": 0}, inside.stderr
+    # the same probe outside that cgroup: root may do all of it (not vacuous)
+    outside = subprocess.run([JAIL_PYTHON, "-c", DEVICE_PROBE, node], capture_output=True,
+                             text=True, timeout=60)
+    assert set(json.loads(outside.stdout).values()) == {"ok", 0}, outside.stderr
 
 
 @needs_v2_mount
-def test_v2_refuses_device_lists_and_missing_controllers_before_making_anything():
+def test_a_device_program_that_cannot_be_installed_is_a_named_error_and_leaves_nothing():
+    """Without CAP_SYS_ADMIN and CAP_BPF the kernel refuses the program:
+    create() says so, and the cgroup it had made is gone."""
+    name = f"pbt-{os.getpid()}-devnocap"
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from broker.jail import cgroups, syscalls\n"
+            "from broker.jail.spec import DeviceRule\n"
+            "eff, prm, inh = syscalls.capget()\n"
+            "gone = ~((1 << 21) | (1 << 39))          # CAP_SYS_ADMIN, CAP_BPF\n"
+            "syscalls.capset(eff & gone, prm & gone, inh & gone)\n"
+            "try:\n"
+            "    cgroups.System.probe(prefer=cgroups.V2).create(%r, cgroups.Limits(\n"
+            "        devices=(DeviceRule('c', 1, 3, 'rwm'),)))\n"
+            "except cgroups.CgroupError as e:\n"
+            "    print(e.step, e)\n" % (str(ROOT), name))
+    r = subprocess.run([JAIL_PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.startswith("devices "), (r.stdout, r.stderr)
+    assert "cannot install the device allow list" in r.stdout and "CAP_SYS_ADMIN" in r.stdout
+    assert cgroup_dirs(name) == set()
+
+
+@needs_v2_mount
+def test_v2_refuses_missing_controllers_before_making_anything():
     before = cgroup_dirs(f"pbt-{os.getpid()}-")
-    with pytest.raises(cgroups.Unsupported) as e:
-        V2_SYSTEM.create(f"pbt-{os.getpid()}-dev", Limits(devices=(DeviceRule("c", 1, 3, "rwm"),)))
-    assert "eBPF device program" in str(e.value) and e.value.step == "devices"
     offered = V2_SYSTEM.hierarchies[0].controllers
     if "memory" not in offered:                # this machine: no v2 controllers
         with pytest.raises(cgroups.Unsupported) as e:

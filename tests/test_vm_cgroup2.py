@@ -43,9 +43,12 @@ MUST_PASS = [
     "test_broker_cgroups.py::test_signal_9_kills_what_double_forked_away",
     "test_broker_cgroups.py::test_when_the_program_exits_what_it_left_behind_goes_too",
     "test_broker_cgroups.py::test_a_caller_that_goes_away_takes_its_double_forked_processes",
-    # device allow list: refused on v2 by name (no eBPF program), nothing made
-    "test_cgroups.py::test_privjail_refuses_a_device_allow_list_on_v2_and_leaves_nothing",
-    "test_cgroups.py::test_v2_refuses_device_lists_and_missing_controllers_before_making_anything",
+    # device allow list: an eBPF device program on v2, the same meaning as v1's
+    "test_cgroups.py::test_devices_outside_the_allow_list_cannot_be_opened_even_by_root[host-dev]",
+    "test_cgroups.py::test_devices_outside_the_allow_list_cannot_be_opened_even_by_root"
+    "[pid-and-mount-ns]",
+    "test_cgroups.py::test_a_v2_device_program_refuses_what_no_rule_allows",
+    "test_cgroups.py::test_v2_refuses_missing_controllers_before_making_anything",
     # accounting, placement, bad input
     "test_cgroups.py::test_accounting_reads_cpu_memory_and_pids[v2]",
     "test_broker_cgroups.py::test_list_jails_shows_memory_pids_and_cpu_time",

@@ -30,9 +30,9 @@ Per version:
   pids limit     pids.max                             pids.max
   CPU weight     cpu.shares = weight * 1024 / 100     cpu.weight
   CPU quota      cpu.cfs_quota_us / cfs_period_us     cpu.max
-  devices        devices.deny a, devices.allow RULE   Unsupported (needs an eBPF
-                                                      device program: refused
-                                                      rather than pretended)
+  devices        devices.deny a, devices.allow RULE   an eBPF device program
+                                                      (devfilter.py), the same
+                                                      rules, default deny
   kill-all       freeze, SIGKILL each member, thaw    cgroup.kill
   OOM kills      memory.oom_control "oom_kill"        memory.events "oom_kill"
   CPU time       cpuacct.usage (ns)                   cpu.stat usage_usec
@@ -87,7 +87,7 @@ class CgroupError(Exception):
 
 class Unsupported(CgroupError):
     """This machine's cgroups cannot do what was asked (a missing controller,
-    device rules on v2, no cgroup file system at all)."""
+    no cgroup file system at all)."""
 
 
 @dataclass(frozen=True)
@@ -286,11 +286,7 @@ class System:
                                      ("cpu", limits.wants_cpu),
                                      ("devices", limits.devices is not None)) if asked]
         if self.version == V2:
-            if limits.devices is not None:
-                raise Unsupported("devices", "a device allow list (--device-allow) needs "
-                                  "cgroup v1's devices controller; on cgroup v2 it needs an "
-                                  "eBPF device program, which privjail does not install")
-            return list(self.hierarchies)
+            return list(self.hierarchies)        # devices: a device program (devfilter)
         missing = [c for c in needed if self.hierarchy(c) is None]
         if missing:
             raise Unsupported("probe", f"the {', '.join(missing)} controller"
@@ -439,6 +435,22 @@ class Cgroup:
             except OSError as e:
                 raise CgroupError("limits", f"cannot write {value!r}: {e.strerror}", path,
                                   e.errno) from None
+        if self.version == V2 and limits.devices is not None:
+            self._attach_device_program(limits.devices)
+
+    def _attach_device_program(self, rules: tuple[DeviceRule, ...]) -> None:
+        """v2 has no devices controller: the allow list is an eBPF program
+        attached to the cgroup (devfilter.py), before any process is in it."""
+        from . import devfilter
+        d = next(iter(self.dirs.values()))
+        try:
+            devfilter.attach(d, rules)
+        except OSError as e:
+            why = (" (a device program needs CAP_SYS_ADMIN or CAP_BPF, and a kernel built "
+                   "with CONFIG_CGROUP_BPF)"
+                   if e.errno in (_errno.EPERM, _errno.EINVAL, _errno.ENOSYS) else "")
+            raise CgroupError("devices", f"cannot install the device allow list: "
+                                         f"{e.strerror or e}{why}", d, e.errno) from None
 
     def _limit_files(self, limits: Limits) -> list[tuple[str, str]]:
         """(file, value) in the order they must be written."""

@@ -288,3 +288,65 @@ def mount_setattr(dirfd: int, path: str, flags: int, attr_set: int = 0, attr_clr
                          ctypes.c_uint(flags), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))),
            "mount_setattr", path or None)
+
+
+# -- bpf(2): a cgroup device program (cgroup v2's device allow list) -----------
+# x86_64 syscall 321.  Only the two commands the device filter needs.
+SYS_bpf = 321
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6                 # attach type
+BPF_F_ALLOW_MULTI = 2                 # programs below may only add checks, never lift ours
+
+
+class _BpfProgLoad(ctypes.Structure):
+    """The head of union bpf_attr for BPF_PROG_LOAD (the kernel takes a
+    shorter attr as if the rest were zero)."""
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16)]
+
+
+class _BpfProgAttach(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32)]
+
+
+def bpf_prog_load_cgroup_device(insns: bytes, name: bytes, license: bytes) -> int:
+    """Load a BPF_PROG_TYPE_CGROUP_DEVICE program (8-byte instructions);
+    its fd.  A program the verifier refuses raises OSError with the
+    verifier's log as the message."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    attr = _BpfProgLoad(prog_type=BPF_PROG_TYPE_CGROUP_DEVICE, insn_cnt=len(insns) // 8,
+                        insns=ctypes.addressof(code), license=ctypes.addressof(lic),
+                        prog_name=name[:15])
+
+    def load() -> int:
+        return _libc.syscall(SYS_bpf, ctypes.c_int(BPF_PROG_LOAD), ctypes.byref(attr),
+                             ctypes.c_uint(ctypes.sizeof(attr)))
+    ret = load()
+    if ret != -1:
+        return ret
+    # Refused: again with the verifier's log, to say why (a transient
+    # failure may load this time, which is as good)
+    log = ctypes.create_string_buffer(1 << 16)
+    attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+    ret = load()
+    if ret != -1:
+        return ret
+    err = ctypes.get_errno()
+    verifier = log.value.decode(errors="replace").strip()
+    raise OSError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}"
+                       + (f"; the verifier said: {verifier[-400:]}" if verifier else ""))
+
+
+def bpf_prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int) -> None:
+    """Attach a loaded program to a cgroup (target_fd: its directory)."""
+    attr = _BpfProgAttach(target_fd=target_fd, attach_bpf_fd=prog_fd,
+                          attach_type=attach_type, attach_flags=flags)
+    _check(_libc.syscall(SYS_bpf, ctypes.c_int(BPF_PROG_ATTACH), ctypes.byref(attr),
+                         ctypes.c_uint(ctypes.sizeof(attr))), "bpf(BPF_PROG_ATTACH)")
