@@ -237,3 +237,40 @@ def test_go_that_cannot_be_sent_is_a_failed_launch_not_an_exec():
     theirs.close()                  # as at the program's exec: close-on-exec
     L._wait_for_exec(ours, went)    # no error
     ours.close()
+
+
+FAILED_LAUNCHES = r"""
+import json, os, sys
+from broker.jail import config, launch as L
+spec = config.parse_command_line([*json.loads(sys.argv[1]), "--", "/nonexistent/program"])
+null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+def fds():
+    return sorted(os.listdir("/proc/self/fd"))
+try:                                    # the first one imports and caches what it needs
+    L.launch(spec, {0: null, 1: null, 2: null})
+except L.LaunchError:
+    pass
+before, errors = fds(), set()
+for _ in range(20):
+    try:
+        L.launch(spec, {0: null, 1: null, 2: null})
+    except L.LaunchError as e:
+        errors.add(e.step)
+print(json.dumps({"errors": sorted(errors), "before": before, "after": fds()}))
+"""
+
+
+@pytest.mark.parametrize("ns", [["-p", "-v", "--own-cgroup"], ["-v"],
+                                ["-p", "-v", "-U", "-m0 100000 10", "-M0 100000 10"]],
+                         ids=["pid-ns-direct", "no-pid-ns", "user-ns"])
+def test_a_launch_that_fails_at_exec_leaves_no_fd_in_the_launcher(ns):
+    """The jail's pidfd is opened before the exec is confirmed: a program
+    that cannot be executed must not leave it (nor the status pipe) in L.
+    (Before the fix each such launch left one pidfd: a caller asking a
+    broker for a missing program again and again ran its launcher out of fds.)"""
+    p = subprocess.run([sys.executable, "-c", FAILED_LAUNCHES, json.dumps(ns)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["errors"] == ["exec"], r
+    assert r["after"] == r["before"], r

@@ -344,7 +344,7 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
     # only, and L's own is restored at once.  With one, the pid namespace
     # must belong to the new user namespace, so A makes both.
     direct = spec.has("pid") and not spec.has("user")
-    pid_a = cgroup = top = None
+    pid_a = cgroup = top = jail = None
     try:
         pid_a = _fork_into_new_pid_ns() if direct else _fork()
         if pid_a == 0:
@@ -373,7 +373,10 @@ def launch(spec: JailSpec, fds: dict[int, int] | None = None, *,
             _close_all([status_w, mount_ns])
         else:
             _abort(pid_a, top)
-        os.close(status_r)
+        if jail is not None:
+            jail.close()                # its pidfd and the status pipe
+        else:
+            os.close(status_r)
         if spec.pidfile and top is not None:
             _remove_quietly(spec.pidfile)
         if cgroup is not None:
