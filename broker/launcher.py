@@ -30,14 +30,17 @@ import os
 import selectors
 import signal
 import socket
+import time
 
 from . import daemon_store, wire
 from .envelope import Envelope, OutsideEnvelope
 from .jail import cgroups
-from .jail.launch import Jail, LaunchError, launch
+from .jail.launch import Jail, LaunchError, Seed, launch, launch_seeded, make_seed, seed_shape
 from .jail.spec import JailSpec, SpecError, validate
 
 _RECV = wire.MAX_MESSAGE + 1
+SEED_IDLE_S = 0.0002       # idle this long (no event) before a seed is made
+SEED_AFTER_S = 0.05        # ... and no jail launched less than this ago still runs
 
 
 # ---------------------------------------------------------------------------
@@ -57,6 +60,12 @@ class _Launcher:
         self.leftover_cgroups: list[cgroups.Cgroup] = []   # retried on every reap
         self.sel = None                 # serve()'s selector
         self.watched: dict[str, int] = {}   # jail id -> its status pipe, in the selector
+        # A seed (jail/launch.py) made while idle for the shape of the last
+        # launch: the next launch of that shape skips the fork, the net
+        # namespace and (cgroup v1) the cgroup's making and the move into it.
+        self.seed: Seed | None = None
+        self.seed_spec: JailSpec | None = None      # the last launch's spec
+        self.started: dict[str, float] = {}         # jail id -> when it was launched
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -72,7 +81,9 @@ class _Launcher:
         sel.register(self.sock, selectors.EVENT_READ, "request")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
         while True:
-            for key, _ in sel.select():
+            idle = self._seed_wait()
+            events = sel.select(idle)
+            for key, _ in events:
                 if key.data == "signal":
                     self.on_signals(_drain(wake_r))
                 elif isinstance(key.data, tuple):     # ("status", jail id)
@@ -80,6 +91,42 @@ class _Launcher:
                 elif not self.handle_one():
                     self.shutdown()
                     return
+            if not events and idle is not None:
+                self._make_seed()
+
+    def _seed_wait(self) -> float | None:
+        """How long the loop must have been idle before a seed is made (None:
+        no seed is wanted).  Not while a jail launched less than
+        SEED_AFTER_S ago runs: a short jail's exit would wait for the seed's
+        making (~1 ms of ours); long-lived ones do not hold it up."""
+        if self.seed is not None or self.seed_spec is None:
+            return None
+        now = time.monotonic()
+        youngest = max((t for jid, t in self.started.items() if jid in self.jails),
+                       default=None)
+        wait = SEED_IDLE_S
+        if youngest is not None:
+            wait = max(wait, youngest + SEED_AFTER_S - now)
+        return wait
+
+    def _make_seed(self) -> None:
+        try:
+            self.seed = make_seed(self.seed_spec, f"privbroker-seed-{os.urandom(4).hex()}",
+                                  self.cgroup_parent)
+        except Exception as e:          # a seed is an optimization: never fatal
+            _log(f"no seed for the next launch: {type(e).__name__}: {e}")
+            self.seed_spec = None           # not again until the next launch
+
+    def _take_seed(self, spec: JailSpec) -> Seed | None:
+        """The ready seed if this spec can use it; one that cannot (another
+        shape) or that died is discarded."""
+        seed, self.seed = self.seed, None
+        if seed is None:
+            return None
+        if seed.shape == seed_shape(spec, self.cgroup_parent) and seed.alive():
+            return seed
+        seed.discard()
+        return None
 
     def on_status(self, jail_id: str) -> None:
         """A jail's status pipe is readable: its init reported the program's
@@ -177,15 +224,23 @@ class _Launcher:
             _log(f"refused a launch of profile {msg.get('profile')!r}: {e}")
             return {"ok": False, "error": "refused",
                     "message": f"the launcher refused the spec: {e}"}
+        seed = self._take_seed(spec)
+        fd_map = dict(zip(targets, fds))
         try:
-            jail = launch(spec, fds=dict(zip(targets, fds)), cgroup_name=f"privbroker-{jail_id}",
-                          cgroup_parent=self.cgroup_parent)
+            if seed is not None:
+                jail = launch_seeded(seed, spec, fd_map, cgroup_name=f"privbroker-{jail_id}",
+                                     cgroup_parent=self.cgroup_parent)
+            else:
+                jail = launch(spec, fds=fd_map, cgroup_name=f"privbroker-{jail_id}",
+                              cgroup_parent=self.cgroup_parent)
         except SpecError as e:
             return {"ok": False, "error": "invalid", "message": str(e)}
         except LaunchError as e:
             return {"ok": False, "error": "unsupported" if e.unsupported else "launch-failed",
                     "message": str(e), "step": e.step}
         self.jails[jail_id] = jail
+        self.started[jail_id] = time.monotonic()
+        self.seed_spec = spec if seed_shape(spec, self.cgroup_parent) is not None else None
         self._watch(jail_id, jail)
         return {"ok": True, "pid": jail.pid}
 
@@ -233,9 +288,16 @@ class _Launcher:
                 break
             if pid == self.front_pid:
                 self.front_status = raw     # its socket end is closed: serve() ends
+            elif self.seed is not None and pid == self.seed.pid:
+                _log(f"the seed for the next launch died ({raw:#x}); not made again "
+                     f"until the next launch")
+                self.seed.pid = -1          # reaped here
+                self.seed.discard()
+                self.seed = self.seed_spec = None
             elif pid in by_pid:               # anything else was an orphan: just reaped
                 jail_id, jail = by_pid[pid]
                 self._unwatch(jail_id)        # before reaped() closes the pipe
+                self.started.pop(jail_id, None)
                 # Exited goes out before the jail's (empty) cgroup is removed:
                 # the removal is below, in retry_cgroups.
                 status = jail.reaped(raw, defer_removal=True)
@@ -274,6 +336,9 @@ class _Launcher:
                 os.close(fd)
 
     def shutdown(self) -> None:
+        if self.seed is not None:
+            self.seed.discard()
+            self.seed = None
         for jail_id in list(self.watched):
             self._unwatch(jail_id)
         # The front is gone: no one will be told about these jails, so end them.

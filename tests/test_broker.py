@@ -270,16 +270,31 @@ def _children(pid: int) -> list[tuple[int, str]]:
     return out
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def test_no_leaked_fds_zombies_or_children_after_many_launches(bus, broker, aio_broker):
-    # privbrokerd's main process is the launcher; its one child the front
+    # privbrokerd's main process is the launcher; its children the front and,
+    # once a launch has shown what to expect, one seed for the next launch
+    # (jail/launch.py; it names itself pb-seed while it waits)
     launcher_pid = broker.pid
-    [(front_pid, _)] = [c for c in _children(launcher_pid)]
+    def seeds():
+        return [c for c in _children(launcher_pid) if _comm(c[0]) == "pb-seed"]
+    def others():
+        return [c for c in _children(launcher_pid) if _comm(c[0]) != "pb-seed"]
+    [(front_pid, _)] = others()
     def settled():
         # Exited may come while the jail's init is still exiting (everything
         # else of the jail is gone by then): the launcher closes that jail's
-        # pidfd and status pipe when it reaps it, a moment later.
+        # pidfd and status pipe when it reaps it, a moment later; and it
+        # makes the next seed once it has been idle a moment.
         deadline = time.monotonic() + 5
-        while len(_children(launcher_pid)) != 1 and time.monotonic() < deadline:
+        while (len(others()) != 1 or len(seeds()) != 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.05)        # the reap and the close are one step apart
         return _fds(front_pid), _fds(launcher_pid)
@@ -290,8 +305,33 @@ def test_no_leaked_fds_zombies_or_children_after_many_launches(bus, broker, aio_
         aio_broker.launch("minimal", ["/bin/true"], stdin=None).wait(timeout=20)
     assert settled() == before
     assert _children(front_pid) == []                 # the front starts nothing
-    # no zombies, no stragglers: the front is the launcher's only child
-    assert [c for c in _children(launcher_pid)] == [(front_pid, "S")]
+    # no zombies, no stragglers: the front, and one seed asleep waiting for its order
+    assert others() == [(front_pid, "S")]
+    assert [state for _, state in seeds()] == ["S"]
+
+
+def test_the_next_launch_of_the_same_shape_starts_from_the_seed(bus, broker, aio_broker):
+    """After a launch the launcher makes, once idle, a seed for the next one
+    of that shape (jail/launch.py): that launch's jail is the seed itself
+    (its pid), and a seed is made again for the one after."""
+    launcher_pid = broker.pid
+
+    def seed_pids():
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            found = [pid for pid, _ in _children(launcher_pid) if _comm(pid) == "pb-seed"]
+            if found:
+                return found
+            time.sleep(0.01)
+        return []
+
+    aio_broker.launch("minimal", ["/bin/true"], stdin=None).wait(timeout=20)
+    [seed] = seed_pids()
+    jail = aio_broker.launch("minimal", ["/bin/sh", "-c", "echo $$"], stdin=None)
+    assert jail.pid == seed
+    assert jail.wait(timeout=20).code == 0
+    [next_seed] = seed_pids()
+    assert next_seed != seed
 
 
 def test_live_jail_limit_per_caller(bus, broker, aio_broker):

@@ -344,14 +344,29 @@ def test_killing_the_front_ends_the_launcher_and_its_jails(bus, running):
         caller.wait()
 
 
+def _seed_of(launcher_pid: int) -> int:
+    """The launcher's seed for its next launch (broker/jail/launch.py), made
+    once it has been idle a moment after a launch."""
+    found: list[int] = []
+
+    def made():
+        found[:] = [p for p in _children(launcher_pid)
+                    if Path(f"/proc/{p}/comm").read_text().strip() == "pb-seed"]
+        return found
+    _wait(made, "no seed was made")
+    return found[0]
+
+
 def test_killing_the_launcher_ends_the_front_and_the_jails(bus, running):
     marker = f"privsep-launcher-{time.monotonic_ns()}"
     caller = _jail_running(bus, marker)
     try:
+        seed = _seed_of(running.launcher)
         os.kill(running.launcher, signal.SIGKILL)
         running.proc.wait(timeout=5)
         _wait(lambda: _gone(running.front), "the front outlived the launcher")
         _wait(lambda: _jailed(marker, caller) == [], "a jail outlived the launcher")
+        _wait(lambda: _gone(seed), "the seed outlived the launcher")
         assert "the launcher exited" in running.log.read_text()
         assert busctl(bus, "status", BUS_NAME).returncode != 0      # the name is free
     finally:
@@ -359,10 +374,21 @@ def test_killing_the_launcher_ends_the_front_and_the_jails(bus, running):
         caller.wait()
 
 
-def test_sigterm_to_privbrokerd_stops_both_in_order(running):
+def test_sigterm_to_privbrokerd_stops_both_in_order(bus, running):
+    r = client(bus, "run", "minimal", "--", "/bin/true")    # then a seed is made
+    assert r.returncode == 0, r.stderr
+    seed = _seed_of(running.launcher)
+    seed_cgroups = [line.split(":", 2)[2] for line in
+                    Path(f"/proc/{seed}/cgroup").read_text().splitlines() if "-seed-" in line]
+    from broker.jail import cgroups
+    assert seed_cgroups or cgroups.System.probe().version != cgroups.V1   # v2: made at launch
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(timeout=15) == 0
-    assert _gone(running.front)
+    assert _gone(running.front) and _gone(seed)
+    # the seed's cgroup went with it (v1: in each hierarchy it joined)
+    hierarchies = [m.split()[4] for m in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if " - cgroup" in m]
+    assert not [h + c for h in hierarchies for c in seed_cgroups if os.path.exists(h + c)]
 
 
 # -- the launcher refuses forged requests -------------------------------------------------

@@ -300,9 +300,12 @@ class System:
                 plan.append(h)
         return plan
 
-    def create(self, name: str, limits: Limits, parent: str | None = None) -> "Cgroup":
+    def create(self, name: str, limits: Limits, parent: str | None = None,
+               set_limits: bool = True) -> "Cgroup":
         """Make the jail's cgroup(s) and set its limits.  `parent`: a cgroup
-        path ("/a/b") used in every hierarchy; None: our own cgroup."""
+        path ("/a/b") used in every hierarchy; None: our own cgroup.
+        set_limits=False: the directories the limits need, no value written
+        yet (a seed's cgroup, launch.py: the request's limits come later)."""
         if not name or "/" in name or name in (".", "..") or "\0" in name:
             raise CgroupError("create", f"bad cgroup name {name!r}")
         plan = self.plan(limits)
@@ -330,7 +333,8 @@ class System:
                                           d, e.errno) from None
                     raise CgroupError("create", e.strerror, d, e.errno) from None
                 cg.made.append(d)
-            cg.set_limits(limits)
+            if set_limits:
+                cg.set_limits(limits)
         except BaseException:
             cg.remove(timeout=0)
             raise
@@ -426,6 +430,33 @@ class Cgroup:
                 if h is not None:
                     return h
         return next(iter(self.dirs))
+
+    def rename(self, name: str) -> None:
+        """Give the cgroup another name in every hierarchy (cgroup v1 only:
+        v2 refuses to rename a cgroup).  All or nothing."""
+        if self.version != V1:
+            raise Unsupported("rename", "cgroup v2 does not rename cgroups")
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise CgroupError("rename", f"bad cgroup name {name!r}")
+        done: list[tuple[Hierarchy, str, str]] = []
+        try:
+            for h, d in self.dirs.items():
+                new = os.path.join(os.path.dirname(d), name)
+                os.rename(d, new)
+                done.append((h, d, new))
+        except OSError as e:
+            for h, old, new in reversed(done):
+                try:
+                    os.rename(new, old)
+                except OSError:         # left under the new name: remove() must find it
+                    self.dirs[h] = new
+                    self.made = [new if m == old else m for m in self.made]
+            raise CgroupError("rename", e.strerror, e.filename, e.errno) from None
+        for h, old, new in done:
+            self.dirs[h] = new
+            self.paths[h] = os.path.join(os.path.dirname(self.paths[h]), name)
+            self.made = [new if m == old else m for m in self.made]
+        self.name = name
 
     # -- limits -----------------------------------------------------------------
     def set_limits(self, limits: Limits) -> None:

@@ -48,6 +48,11 @@ class PreparedFilter:
         self.flags = (SECCOMP_FILTER_FLAG_TSYNC if tsync else 0) | \
             (SECCOMP_FILTER_FLAG_LOG if log else 0)
 
+    def __reduce__(self):
+        """Pickled as its program and flags: a seed process gets its jail's
+        filter from L that way (launch.py)."""
+        return (_prepared_again, (self._buf.raw, self.flags))
+
     def load(self) -> None:
         """seccomp(SECCOMP_SET_MODE_FILTER, flags, &prog); OSError on failure."""
         if SYS_SECCOMP is None:
@@ -62,6 +67,12 @@ class PreparedFilter:
             raise OSError(err, "seccomp: installing a filter needs no_new_privs "
                                "(prctl PR_SET_NO_NEW_PRIVS) or CAP_SYS_ADMIN")
         raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {_strerror(err)}")
+
+
+def _prepared_again(bpf: bytes, flags: int) -> PreparedFilter:
+    f = PreparedFilter(bpf)
+    f.flags = flags
+    return f
 
 
 def prepare_filter(bpf: bytes, tsync: bool = True, log: bool = False) -> PreparedFilter:
