@@ -833,3 +833,34 @@ def test_the_remembered_probe_follows_a_change_of_mount_table():
     _, status = os.waitpid(pid, 0)
     with os.fdopen(r) as f:
         assert json.loads(f.read()) == [True, True, True] and status == 0
+
+
+@needs_v1
+def test_a_rename_is_all_or_nothing_and_v2_refuses_it():
+    """Cgroup.rename (a seed's cgroup gets the jail's name, launch.py): when
+    the name is taken in one hierarchy, every directory keeps the old name
+    and the cgroup can still be removed."""
+    old, new = f"pbt-{os.getpid()}-ren-a", f"pbt-{os.getpid()}-ren-b"
+    cg = SYSTEM.create(old, Limits())
+    last = list(cg.dirs.values())[-1]
+    taken = os.path.join(os.path.dirname(last), new)
+    os.mkdir(taken)
+    try:
+        with pytest.raises(cgroups.CgroupError) as e:
+            cg.rename(new)
+        assert e.value.step == "rename"
+        assert all(os.path.basename(d) == old and os.path.isdir(d) for d in cg.dirs.values())
+        assert cg.name == old
+    finally:
+        os.rmdir(taken)
+    cg.rename(new)
+    assert all(os.path.basename(d) == new and os.path.isdir(d) for d in cg.dirs.values())
+    assert cg.destroy() is True
+    assert cgroup_dirs(f"pbt-{os.getpid()}-ren") == set()
+    if V2_SYSTEM.version == V2:
+        v2 = V2_SYSTEM.create(old, Limits())
+        try:
+            with pytest.raises(cgroups.Unsupported):
+                v2.rename(new)
+        finally:
+            assert v2.destroy() is True
