@@ -156,14 +156,19 @@ def wait_for(pred, timeout: float = 10, step: float = 0.05) -> bool:
 
 # -- jail cgroups ------------------------------------------------------------------
 
-def jail_cgroup_dirs(under: list[Path] | None = None, ids: set[str] | None = None) -> list[Path]:
+def jail_cgroup_dirs(under: list[Path] | None = None, ids: set[str] | None = None,
+                     seeds: bool = False) -> list[Path]:
     """Directories named privbroker-<id> (every id, or those in `ids`) in the
-    v1 jail hierarchies, or beneath the given directories."""
+    v1 jail hierarchies, or beneath the given directories.  The launcher's
+    seed for its next launch (privbroker-seed-*, broker/jail/launch.py) is no
+    jail: left out unless `seeds`."""
     tops = under if under is not None else [CGROUP_ROOT / h for h in JAIL_HIERARCHIES]
     found = []
     for top in tops:
         for dirpath, dirnames, _ in os.walk(top):
             for d in list(dirnames):
+                if d.startswith("privbroker-seed-") and not seeds:
+                    continue
                 if d.startswith("privbroker-") and (ids is None or d[len("privbroker-"):] in ids):
                     found.append(Path(dirpath) / d)
                     dirnames.remove(d)
@@ -203,8 +208,8 @@ class BrokerCgroup:
         joins = " ".join(f'echo $$ > "{d}/cgroup.procs";' for d in self.dirs.values())
         return ["/bin/sh", "-c", f'{joins} exec "$@"', "sh", *argv]
 
-    def jail_dirs(self) -> list[Path]:
-        return jail_cgroup_dirs(list(self.dirs.values()))
+    def jail_dirs(self, seeds: bool = False) -> list[Path]:
+        return jail_cgroup_dirs(list(self.dirs.values()), seeds=seeds)
 
     def set_pids_max(self, value: int | str) -> None:
         (self.dirs["pids"] / "pids.max").write_text(str(value))

@@ -102,7 +102,7 @@ class Trace:
         b = self.broker
         kids = [int(k) for k in Path(f"/proc/{b.pid}/task/{b.pid}/children").read_text().split()]
         seeds = [k for k in kids if _comm(k) == "pb-seed"]
-        dirs = [str(d) for d in self.cg.jail_dirs()]
+        dirs = [str(d) for d in self.cg.jail_dirs(seeds=True)]
         seed_dirs = {os.path.basename(d) for d in dirs if "privbroker-seed-" in d}
         assert len(seeds) <= 1 and len(seed_dirs) <= 1, (seeds, seed_dirs)
         return (fd_count(b.front), fd_count(b.pid) - 2 * len(seeds),
