@@ -13,12 +13,10 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
