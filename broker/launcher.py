@@ -41,6 +41,7 @@ from .jail.spec import JailSpec, SpecError, validate
 _RECV = wire.MAX_MESSAGE + 1
 SEED_IDLE_S = 0.0002       # idle this long (no event) before a seed is made
 SEED_AFTER_S = 0.05        # ... and no jail launched less than this ago still runs
+SEED_CGROUP_PREFIX = "privbroker-seed-"
 
 
 # ---------------------------------------------------------------------------
@@ -66,6 +67,7 @@ class _Launcher:
         self.seed: Seed | None = None
         self.seed_spec: JailSpec | None = None      # the last launch's spec
         self.started: dict[str, float] = {}         # jail id -> when it was launched
+        self.swept = False              # stale seed cgroups removed (before the first seed)
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -110,8 +112,13 @@ class _Launcher:
         return wait
 
     def _make_seed(self) -> None:
+        if not self.swept:
+            self.swept = True
+            for d in remove_stale_seed_cgroups(self.seed_spec.cgroup_parent
+                                               or self.cgroup_parent):
+                _log(f"removed {d}, a seed's cgroup a killed launcher left behind")
         try:
-            self.seed = make_seed(self.seed_spec, f"privbroker-seed-{os.urandom(4).hex()}",
+            self.seed = make_seed(self.seed_spec, f"{SEED_CGROUP_PREFIX}{os.urandom(4).hex()}",
                                   self.cgroup_parent)
         except Exception as e:          # a seed is an optimization: never fatal
             _log(f"no seed for the next launch: {type(e).__name__}: {e}")
@@ -349,6 +356,32 @@ class _Launcher:
             if jail.leftover is not None:
                 self.leftover_cgroups.append(jail.leftover)
         self.retry_cgroups()
+
+
+def remove_stale_seed_cgroups(parent: str | None) -> list[str]:
+    """The seed cgroups under `parent` (None: our own cgroup) that are empty:
+    left by a launcher that was killed (SIGKILL: nothing removed them; a
+    seed dies with its launcher).  A live seed's cgroup is never empty, and
+    rmdir refuses a cgroup with a process in it, so another launcher's seeds
+    are safe; at worst one that another launcher made but has not yet moved
+    its seed into goes, and that launcher then starts its next jail by fork."""
+    removed = []
+    system = cgroups.System.current()
+    for h in system.hierarchies:
+        top = h.dir_of(parent if parent is not None else h.own)
+        if top is None:
+            continue
+        try:
+            names = [n for n in os.listdir(top) if n.startswith(SEED_CGROUP_PREFIX)]
+        except OSError:
+            continue
+        for name in names:
+            try:
+                os.rmdir(os.path.join(top, name))
+                removed.append(os.path.join(top, name))
+            except OSError:
+                pass                    # not empty (a live seed), or gone already
+    return removed
 
 
 def accept_launch(msg: dict, nfds: int, envelope: Envelope) -> tuple[str, "JailSpec", list[int]]:

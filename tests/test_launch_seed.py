@@ -279,3 +279,48 @@ def test_a_seeded_jail_sees_the_host_as_it_is_at_its_launch():
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert r["code"] == 0 and r["out"].split() == ["made-after-the-seed", "before"], r
+
+
+STALE = r"""
+import json, os, subprocess, sys, time
+from broker import launcher
+from broker.jail import cgroups
+system = cgroups.System.current()
+tag = f"{launcher.SEED_CGROUP_PREFIX}pbt{os.getpid()}"
+made = {"stale": [], "live": []}
+sleeper = subprocess.Popen(["sleep", "30"])
+try:
+    for kind in ("stale", "live"):
+        for h in system.plan(cgroups.Limits()):      # where a seed's cgroup is made
+            d = os.path.join(h.dir_of(h.own), f"{tag}-{kind}")
+            os.mkdir(d)
+            made[kind].append(d)
+    for d in made["live"]:
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+    removed = launcher.remove_stale_seed_cgroups(None)
+    out = {"removed_ours": sorted(d for d in removed if tag in d),
+           "stale_left": [d for d in made["stale"] if os.path.exists(d)],
+           "live_left": sorted(d for d in made["live"] if os.path.exists(d)),
+           "stale": sorted(made["stale"]), "live": sorted(made["live"])}
+finally:
+    sleeper.kill()
+    sleeper.wait()
+    time.sleep(0.1)
+    for d in made["live"] + made["stale"]:
+        if os.path.exists(d):
+            os.rmdir(d)
+print(json.dumps(out))
+"""
+
+
+def test_stale_seed_cgroups_go_and_a_live_seeds_stays():
+    """What a killed launcher left (an empty privbroker-seed-* cgroup) is
+    removed before the next launcher's first seed; a cgroup with a process
+    in it (another launcher's live seed) is not touched."""
+    p = subprocess.run([sys.executable, "-c", STALE], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["removed_ours"] == r["stale"] and r["stale_left"] == [], r
+    assert r["live_left"] == r["live"], r
