@@ -291,7 +291,10 @@ def test_detached_jail_outlives_privjail(tmp_path):
     start = time.monotonic()
     rc = subprocess.call([*PRIVJAIL, "--allow-forbidden-intersection", "-i", "-v",
                           "-b", f"{tmp_path},{tmp_path},1", "--",
-                          "/bin/sh", "-c", f"sleep 1; echo done > {out}"], cwd=ROOT,
+                          # written aside and renamed: the test polls for the name, and a
+                          # plain `>` makes the name before the write (seen in CI: '' read)
+                          "/bin/sh", "-c", f"sleep 1; echo done > {out}.tmp; mv {out}.tmp {out}"],
+                         cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
     assert rc == 0
     assert time.monotonic() - start < 1 and not out.exists()   # returned at once
