@@ -6,7 +6,8 @@ boots a qemu VM on this machine's own root file system (read-only, under a
 tmpfs overlay) whose pid 1 mounts cgroup2 alone on /sys/fs/cgroup and
 enables memory, pids and cpu for the root's children (as systemd does), and
 runs tests/test_cgroups.py and tests/test_broker_cgroups.py there: privjail
-and privbrokerd (with its own dbus-daemon) for real, on v2. Asserted here:
+and privbrokerd (with its own dbus-daemon) for real, on v2 (and
+tests/test_warm.py: seeds on v2, on Debian's kernel). Asserted here:
 each test that matters for v2 passed in the VM (a skip there is a failure),
 and nothing failed.
 
@@ -19,7 +20,7 @@ import pytest
 
 from vm import pytest_in_vm
 
-TESTS = ["tests/test_cgroups.py", "tests/test_broker_cgroups.py"]
+TESTS = ["tests/test_cgroups.py", "tests/test_broker_cgroups.py", "tests/test_warm.py"]
 
 # What must have passed on v2 in the VM, by pytest node id.
 MUST_PASS = [
@@ -57,6 +58,11 @@ MUST_PASS = [
     "test_cgroups.py::test_bad_flags_leave_no_cgroup_behind",
     "test_broker_cgroups.py::test_a_cgroup_that_cannot_be_made_is_a_named_error_and_leaves_nothing",
     "test_cgroups.py::test_enter_leaf_moves_a_daemon_below_its_delegated_cgroup",
+    # seeds on v2, and what they copy ahead, on Debian's kernel (jail/warm.py):
+    # the launcher reads a jail init's pagemap without CAP_SYS_PTRACE there too
+    "test_warm.py::test_the_launcher_reads_a_jail_inits_pages_without_cap_sys_ptrace",
+    "test_warm.py::test_copying_ahead_takes_the_faults_out_of_the_writes",
+    "test_warm.py::test_a_seed_warmed_by_a_seeded_launch_faults_far_less_in_its_own",
 ]
 
 

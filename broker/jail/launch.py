@@ -60,6 +60,7 @@ import prctl
 # its own library directory.
 from . import cgroups
 from . import syscalls as sc
+from . import warm
 from .identity import drop_everything_for_init, drop_privileges
 from .init import ENDED_ALL, FORWARDED, run_init
 from .landlock import build_ruleset
@@ -459,9 +460,12 @@ class Seed:
                 pass
 
 
-def make_seed(spec: JailSpec, cgroup_name: str, cgroup_parent: str | None = None) -> Seed:
+def make_seed(spec: JailSpec, cgroup_name: str, cgroup_parent: str | None = None,
+              warm_runs: tuple = ()) -> Seed:
     """A seed for specs shaped like `spec`.  Raises LaunchError (nothing
-    left behind) if it cannot be made; returns once its namespaces exist."""
+    left behind) if it cannot be made; returns once its namespaces exist.
+    `warm_runs` (warm.written_pages of an earlier seeded jail) are the
+    pages the seed copies ahead once it has said READY (warm.py says why)."""
     shape = seed_shape(spec, cgroup_parent)
     if shape is None:
         raise ValueError("no seed can serve this spec (seed_shape)")
@@ -483,7 +487,7 @@ def make_seed(spec: JailSpec, cgroup_name: str, cgroup_parent: str | None = None
                 os.close(status_r)
             except BaseException:
                 os._exit(EXIT_SETUP)
-            _run_seed(theirs, status_w, spec.namespaces)     # never returns
+            _run_seed(theirs, status_w, spec.namespaces, warm_runs)     # never returns
         theirs.close()
         os.close(status_w)
         if _expect(ours, _MSG_READY) != b"":
@@ -513,9 +517,11 @@ def make_seed(spec: JailSpec, cgroup_name: str, cgroup_parent: str | None = None
         raise
 
 
-def _run_seed(sock: socket.socket, status_w: int, namespaces: frozenset) -> "NoReturn":  # noqa: F821
-    """The seed: make the namespaces, say READY, wait for the order, then
-    build the jail as any first process would (its order is its GO)."""
+def _run_seed(sock: socket.socket, status_w: int, namespaces: frozenset,
+              warm_runs: tuple) -> "NoReturn":  # noqa: F821
+    """The seed: make the namespaces, say READY, copy the pages a launch
+    writes, wait for the order, then build the jail as any first process
+    would (its order is its GO)."""
     try:
         prctl.set_pdeathsig(signal.SIGKILL)    # must not outlive a dead L
         name = prctl.get_name()
@@ -524,6 +530,9 @@ def _run_seed(sock: socket.socket, status_w: int, namespaces: frozenset) -> "NoR
         if ahead:
             sc.unshare(ahead)
         sock.send(_MSG_READY)
+        # After READY, so L is not held up; an order that comes meanwhile
+        # waits for about what the page faults would have cost it.
+        warm.copy_ahead(warm_runs)
         msg, fds, _flags, _addr = socket.recv_fds(sock, _MAX_ORDER, _MAX_ORDER_FDS)
     except BaseException:
         os._exit(EXIT_SETUP)

@@ -71,6 +71,7 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                         ctypes.c_ulong, ctypes.c_char_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 _libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong)
@@ -100,6 +101,13 @@ def fork_bare() -> int:
     hooks, thread-state cleanup).  Only for a single-threaded caller with
     its signals blocked: launch._fork decides when it is safe."""
     return _check(_libc_gil.fork(), "fork")
+
+
+MADV_POPULATE_WRITE = 23      # Linux 5.14: fault pages in writable, copying what is shared
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    _check(_libc.madvise(addr, length, advice), "madvise")
 
 
 def unshare(flags: int) -> None:
