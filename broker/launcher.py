@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
 import selectors
 import signal
 import socket
@@ -34,7 +35,7 @@ import time
 
 from . import daemon_store, wire
 from .envelope import Envelope, OutsideEnvelope
-from .jail import cgroups
+from .jail import cgroups, warm
 from .jail.launch import Jail, LaunchError, Seed, launch, launch_seeded, make_seed, seed_shape
 from .jail.spec import JailSpec, SpecError, validate
 
@@ -42,6 +43,8 @@ _RECV = wire.MAX_MESSAGE + 1
 SEED_IDLE_S = 0.0002       # idle this long (no event) before a seed is made
 SEED_AFTER_S = 0.05        # ... and no jail launched less than this ago still runs
 SEED_CGROUP_PREFIX = "privbroker-seed-"
+WARM_RELEARN_EVERY = 64    # seeded launches before the pages a launch writes are learnt again
+WARM_MIN_PAGES = 32        # fewer: the jail's init ended before it was read; learn next time
 
 
 # ---------------------------------------------------------------------------
@@ -68,6 +71,12 @@ class _Launcher:
         self.seed_spec: JailSpec | None = None      # the last launch's spec
         self.started: dict[str, float] = {}         # jail id -> when it was launched
         self.swept = False              # stale seed cgroups removed (before the first seed)
+        # The pages a seeded launch writes (jail/warm.py), which seeds copy
+        # ahead; learnt from a seeded jail's init right after its launch.
+        self.warm_runs: tuple = ()
+        self.seeded_since_learning = 0
+        self.warm_refused = False       # said once: a Watch could not be opened
+        self.learn_from: tuple[Jail, warm.Watch] | None = None   # a seeded jail, until read
 
     def serve(self) -> None:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -119,7 +128,7 @@ class _Launcher:
                 _log(f"removed {d}, a seed's cgroup a killed launcher left behind")
         try:
             self.seed = make_seed(self.seed_spec, f"{SEED_CGROUP_PREFIX}{os.urandom(4).hex()}",
-                                  self.cgroup_parent)
+                                  self.cgroup_parent, self.warm_runs)
         except Exception as e:          # a seed is an optimization: never fatal
             _log(f"no seed for the next launch: {type(e).__name__}: {e}")
             self.seed_spec = None           # not again until the next launch
@@ -191,7 +200,38 @@ class _Launcher:
         if type(seq) is int:
             reply["seq"] = seq
         self.send(reply)
+        self._learn_warm()
         return True
+
+    def _watch_pages(self, seed: Seed) -> "warm.Watch | None":
+        """When a plan is due (none yet, or WARM_RELEARN_EVERY seeded launches
+        old), a Watch on the seed, opened before its order (warm.Watch says why)."""
+        if self.warm_runs and self.seeded_since_learning < WARM_RELEARN_EVERY:
+            return None
+        try:
+            return warm.Watch(seed.pid)
+        except OSError as e:
+            if not self.warm_refused:
+                self.warm_refused = True
+                _log(f"cannot read a seed's pages, seeds copy nothing ahead: {e}")
+            return None
+
+    def _learn_warm(self) -> None:
+        """Read, after the reply, which pages the seeded launch just made
+        wrote, from its init.  An init that ended before or while it was
+        read gives no plan (a part of one would serve until the next
+        learning): the next seeded launch is read instead."""
+        learn, self.learn_from = self.learn_from, None
+        if learn is None:
+            return
+        jail, watch = learn
+        try:
+            runs = watch.written_pages()
+        finally:
+            watch.close()
+        if warm.pages(runs) >= WARM_MIN_PAGES and not _has_ended(jail.pidfd):
+            self.warm_runs = runs
+            self.seeded_since_learning = 0
 
     def dispatch(self, msg: dict, fds: list[int]) -> dict:
         op, jail_id = msg.get("op"), msg.get("jail")
@@ -235,8 +275,17 @@ class _Launcher:
         fd_map = dict(zip(targets, fds))
         try:
             if seed is not None:
-                jail = launch_seeded(seed, spec, fd_map, cgroup_name=f"privbroker-{jail_id}",
-                                     cgroup_parent=self.cgroup_parent)
+                watch = self._watch_pages(seed)
+                try:
+                    jail = launch_seeded(seed, spec, fd_map, cgroup_name=f"privbroker-{jail_id}",
+                                         cgroup_parent=self.cgroup_parent)
+                except BaseException:
+                    if watch is not None:
+                        watch.close()
+                    raise
+                self.seeded_since_learning += 1
+                if watch is not None:
+                    self.learn_from = (jail, watch)
             else:
                 jail = launch(spec, fds=fd_map, cgroup_name=f"privbroker-{jail_id}",
                               cgroup_parent=self.cgroup_parent)
@@ -414,6 +463,11 @@ def _drain(fd: int) -> bytes:
         if not chunk:
             return got
         got += chunk
+
+
+def _has_ended(pidfd: int) -> bool:
+    """A pidfd is readable once its process has exited."""
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _log(text: str) -> None:

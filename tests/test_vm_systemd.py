@@ -72,6 +72,7 @@ EXPECTED = [
     "a jail over its memory limit is OOM-killed and the caller is told",
     "privjail's minimalistic-mountns binds the journal's /dev/log onto its /dev",
     "busctl reads the broker's properties on the system bus",
+    "a seed made after a seeded launch copies ahead what that launch wrote",
     "a long jail runs in its cgroup",
     "systemctl stop succeeds",
     "stop leaves no jail process",
