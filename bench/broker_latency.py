@@ -13,10 +13,15 @@
              process holds dbus-fast and asyncio, more than the launcher does,
              and a bigger process forks slower: the engine's share, not a floor)
 Also launches per second, with 8 launches in flight, and the same three
-launches one at a time after IDLE_S of idleness each ("after idle"): a
-launcher that sits idle between sporadic requests is the common case, and
-the kernel makes some first operations after idleness slower (a cgroup
-migration can wait for an RCU grace period; README.md, "Launch latency").
+launches one at a time after a gap of quiet each:
+  10 ms    no contender pays for another's background work: right after a
+           broker launch its launcher makes the next seed (~4 ms of one cpu,
+           jail/warm.py), which the back-to-back series lets overlap the
+           runs that follow it;
+  100 ms   ("after idle") a launcher that sits idle between sporadic
+           requests is the common case, and the kernel makes some first
+           operations after idleness slower (a cgroup migration can wait
+           for an RCU grace period; README.md, "Launch latency").
 Prints figures and ratios; asserts nothing.
 """
 from __future__ import annotations
@@ -35,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-IDLE_S = 0.1          # idleness before each "after idle" launch
-IDLE_SHARE = 4        # that many fewer of those than interleaved runs
+# (gap before each launch in seconds, that many fewer runs than interleaved)
+GAPS = ((0.01, 2), (0.1, 4))
 
 
 def pct(samples, p):
@@ -47,8 +52,8 @@ def pct(samples, p):
 async def measure(address: str, runs: int) -> dict:
     from client import AsyncBroker
     b = await AsyncBroker(address).connect()
-    out = {"broker": [], "noop": [], "bwrap": [], "engine": [],
-           "idle broker": [], "idle engine": [], "idle bwrap": []}
+    out = {"broker": [], "noop": [], "bwrap": [], "engine": []}
+    out.update({(gap, name): [] for gap, _ in GAPS for name in ("broker", "engine", "bwrap")})
     bwrap = shutil.which("bwrap")
     engine = _engine_launcher()
     try:
@@ -71,21 +76,22 @@ async def measure(address: str, runs: int) -> dict:
                 subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
                                check=True)
                 out["bwrap"].append(time.perf_counter() - t)
-        for _ in range(max(1, runs // IDLE_SHARE)):
-            for name in ("broker", "engine", "bwrap"):
-                if name == "bwrap" and not bwrap:
-                    continue
-                time.sleep(IDLE_S)
-                t = time.perf_counter()
-                if name == "broker":
-                    jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
-                    await b.wait(jid)
-                elif name == "engine":
-                    engine()
-                else:
-                    subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/", "/bin/true"],
-                                   check=True)
-                out["idle " + name].append(time.perf_counter() - t)
+        for gap, share in GAPS:
+            for _ in range(max(1, runs // share)):
+                for name in ("broker", "engine", "bwrap"):
+                    if name == "bwrap" and not bwrap:
+                        continue
+                    time.sleep(gap)
+                    t = time.perf_counter()
+                    if name == "broker":
+                        jid, _ = await b.launch("minimal", ["/bin/true"], fds={})
+                        await b.wait(jid)
+                    elif name == "engine":
+                        engine()
+                    else:
+                        subprocess.run([bwrap, "--unshare-all", "--ro-bind", "/", "/",
+                                        "/bin/true"], check=True)
+                    out[gap, name].append(time.perf_counter() - t)
         n, t = runs, time.perf_counter()
         for batch in range(0, n, 8):
             launched = await asyncio.gather(*(b.launch("minimal", ["/bin/true"], fds={})
@@ -148,25 +154,26 @@ def main() -> None:
             shutil.rmtree(deploy, ignore_errors=True)
     print(f"/bin/true, {args.runs} interleaved runs, {os.cpu_count()} cpus, "
           f"load average {os.getloadavg()[0]:.2f} (other work on this machine shows here)")
+    print_series(r, ("bwrap", "broker", "engine", "noop"), p99=True)
+    for gap, _ in GAPS:
+        print(f"after {gap * 1000:.0f} ms of quiet each, {len(r[gap, 'broker'])} runs each:")
+        print_series({name: r[gap, name] for name in ("bwrap", "broker", "engine")},
+                     ("bwrap", "broker", "engine"), p99=False)
+    print(f"broker launches per second (8 in flight): {r['rate']:.0f}")
+
+
+def print_series(r: dict, names, p99: bool) -> None:
+    """One line per series: p50, p90 (and p99), and its ratio to bwrap's p50."""
     bw = statistics.median(r["bwrap"]) if r["bwrap"] else None
-    for name in ("bwrap", "broker", "engine", "noop"):
+    for name in names:
         if not r[name]:
             continue
-        line = (f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p90 {pct(r[name], 90):7.2f} ms  "
-                f"p99 {pct(r[name], 99):7.2f} ms")
+        line = f"{name:7s} p50 {pct(r[name], 50):7.2f} ms  p90 {pct(r[name], 90):7.2f} ms"
+        if p99:
+            line += f"  p99 {pct(r[name], 99):7.2f} ms"
         if bw and name != "bwrap":
             line += f"   x{statistics.median(r[name]) / bw:.2f} of bwrap"
         print(line)
-    ibw = statistics.median(r["idle bwrap"]) if r["idle bwrap"] else None
-    print(f"after {IDLE_S * 1000:.0f} ms idle, {len(r['idle broker'])} runs each:")
-    for name in ("idle bwrap", "idle broker", "idle engine"):
-        if not r[name]:
-            continue
-        line = (f"{name[5:]:7s} p50 {pct(r[name], 50):7.2f} ms  p90 {pct(r[name], 90):7.2f} ms")
-        if ibw and name != "idle bwrap":
-            line += f"   x{statistics.median(r[name]) / ibw:.2f} of bwrap"
-        print(line)
-    print(f"broker launches per second (8 in flight): {r['rate']:.0f}")
 
 
 if __name__ == "__main__":
