@@ -464,8 +464,9 @@ def make_seed(spec: JailSpec, cgroup_name: str, cgroup_parent: str | None = None
               warm_runs: tuple = ()) -> Seed:
     """A seed for specs shaped like `spec`.  Raises LaunchError (nothing
     left behind) if it cannot be made; returns once its namespaces exist.
-    `warm_runs` (warm.written_pages of an earlier seeded jail) are the
-    pages the seed copies ahead once it has said READY (warm.py says why)."""
+    `warm_runs` (what a warm.Watch read from an earlier seeded jail) are
+    the pages the seed copies ahead once it has said READY (warm.py says
+    why)."""
     shape = seed_shape(spec, cgroup_parent)
     if shape is None:
         raise ValueError("no seed can serve this spec (seed_shape)")
