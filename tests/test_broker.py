@@ -336,17 +336,18 @@ def test_the_next_launch_of_the_same_shape_starts_from_the_seed(bus, broker, aio
     # The launcher has learnt from a seeded launch (that one, or one before
     # it) which pages it wrote, and this seed copied them ahead while it
     # waited (jail/warm.py): its own launch takes few page faults from its
-    # order to its program's start (~300 without, ~30 with, here).
+    # order to its program's start (300-340 without here; 25-40 with, and
+    # once in about 20 runs of this module 108).
     time.sleep(0.2)
     before = _minflt(next_seed)
     jail = aio_broker.launch("minimal", ["/bin/sleep", "1"], stdin=None)
     assert jail.pid == next_seed, (jail.pid, next_seed)
     deadline = time.monotonic() + 10
     while not _children(next_seed) and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(0.001)
     faults = _minflt(next_seed) - before
     assert jail.wait(timeout=20).code == 0
-    assert faults < 100, (faults, before)
+    assert faults < 160, (faults, before)
 
 
 def _minflt(pid: int) -> int:

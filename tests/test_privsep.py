@@ -51,15 +51,22 @@ class Broker:
             [sys.executable, "-m", "broker", "--bus-address", bus.address, "--config",
              str(config), "--log-target", "stderr"], cwd=ROOT,
             stderr=open(log, "w"))
+        self.launcher = self.proc.pid
+        # Until the name's owner is our front (the launcher's child): a front
+        # of a broker killed just before may still own it for a moment.
         deadline = time.monotonic() + 15
-        while busctl(bus, "status", BUS_NAME).returncode != 0:
+        while (front := self._name_owner(bus)) is None or front not in _children(self.launcher):
             assert self.proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "privbrokerd did not own its name"
             time.sleep(0.05)
+        self.front = front
+
+    @staticmethod
+    def _name_owner(bus) -> int | None:
         owner = busctl(bus, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
                        "org.freedesktop.DBus", "GetConnectionUnixProcessID", "s", BUS_NAME)
-        self.front = int(owner.stdout.split()[1])     # "u 1234"
-        self.launcher = self.proc.pid
+        fields = owner.stdout.split()                 # "u 1234"
+        return int(fields[1]) if owner.returncode == 0 and len(fields) == 2 else None
 
     def stop(self):
         if self.proc.poll() is None:
