@@ -69,7 +69,7 @@ class _Launcher:
         # namespace and (cgroup v1) the cgroup's making and the move into it.
         self.seed: Seed | None = None
         self.seed_spec: JailSpec | None = None      # the last launch's spec
-        self.started: dict[str, float] = {}         # jail id -> when it was launched
+        self.started: dict[str, float] = {}         # live jail id -> when it was launched
         self.swept = False              # stale seed cgroups removed (before the first seed)
         # The pages a seeded launch writes (jail/warm.py), which seeds copy
         # ahead; learnt from a seeded jail's init right after its launch.
@@ -113,8 +113,7 @@ class _Launcher:
         if self.seed is not None or self.seed_spec is None:
             return None
         now = time.monotonic()
-        youngest = max((t for jid, t in self.started.items() if jid in self.jails),
-                       default=None)
+        youngest = max(self.started.values(), default=None)
         wait = SEED_IDLE_S
         if youngest is not None:
             wait = max(wait, youngest + SEED_AFTER_S - now)

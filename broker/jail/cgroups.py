@@ -90,6 +90,12 @@ class Unsupported(CgroupError):
     no cgroup file system at all)."""
 
 
+def _check_name(step: str, name: str) -> None:
+    """A cgroup name is one path component of our choosing, nothing else."""
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise CgroupError(step, f"bad cgroup name {name!r}")
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a jail's cgroup enforces; None: no limit of that kind."""
@@ -306,8 +312,7 @@ class System:
         path ("/a/b") used in every hierarchy; None: our own cgroup.
         set_limits=False: the directories the limits need, no value written
         yet (a seed's cgroup, launch.py: the request's limits come later)."""
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise CgroupError("create", f"bad cgroup name {name!r}")
+        _check_name("create", name)
         plan = self.plan(limits)
         dirs: dict[Hierarchy, str] = {}
         paths: dict[Hierarchy, str] = {}
@@ -436,8 +441,7 @@ class Cgroup:
         v2 refuses to rename a cgroup).  All or nothing."""
         if self.version != V1:
             raise Unsupported("rename", "cgroup v2 does not rename cgroups")
-        if not name or "/" in name or name in (".", "..") or "\0" in name:
-            raise CgroupError("rename", f"bad cgroup name {name!r}")
+        _check_name("rename", name)
         done: list[tuple[Hierarchy, str, str]] = []
         try:
             for h, d in self.dirs.items():
