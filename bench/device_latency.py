@@ -18,7 +18,8 @@
               Noop() and NoopFd() -> h (a dup of an fd it holds); their
               difference is what passing one fd through dbus-daemon costs,
               whatever the method
-In rotating blocks of 50 calls of one kind, after a warm-up; prints p50/p99 and each median as a multiple
+In blocks of 50 calls of one kind, the kinds' order shuffled every round, after a
+warm-up; prints p50/p99 and each median as a multiple
 of the broker's no-op.  Target: OpenPath <= 1.2x.  Asserts nothing.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -139,9 +141,15 @@ async def measure(address: str, dev: Path, runs: int) -> dict:
         # blocks of one kind, kinds in rotation: each call follows one of its
         # own kind, so what a call leaves for the broker to do after its reply
         # (the log line) is charged to its own kind and not to the next one
+        # The order of the kinds is shuffled every round: the broker idles
+        # while the bare service's blocks run, and whatever follows them
+        # starts cold; a fixed order charged that to one kind only.
         block = 50
+        order = list(calls.items())
+        shuffle = random.Random(5).shuffle
         for _ in range(0, runs, block):
-            for name, call in calls.items():
+            shuffle(order)
+            for name, call in order:
                 for _ in range(block):
                     t = time.perf_counter()
                     await call()
@@ -186,7 +194,7 @@ def main() -> None:
     finally:
         shutil.rmtree(d, ignore_errors=True)
     floor = statistics.median(r["noop"])
-    print(f"{args.runs} round trips each (rotating blocks of 50), {os.cpu_count()} cpus, broker log "
+    print(f"{args.runs} round trips each (blocks of 50, shuffled), {os.cpu_count()} cpus, broker log "
           f"level {args.log_level}" + (" (one line per decision, to a file)"
                                        if args.log_level == "info" else " (decisions not logged)"))
     for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd"):
