@@ -268,9 +268,16 @@ def test_check_path_access_answers_false_for_refused_paths(tmp_path):
     assert c.check_path_access(Caller(), path)[0] is True
 
 
-def test_decisions_are_remembered_only_while_nothing_they_read_can_change(tmp_path,
-                                                                           monkeypatch):
-    from broker.devices import chain
+@pytest.mark.parametrize("uevents_watched", [True, False], ids=["uevents", "no-uevents"])
+def test_decisions_are_remembered_only_while_nothing_they_read_can_change(
+        tmp_path, monkeypatch, uevents_watched):
+    # With uevents watched, what only a device's coming and going changes is
+    # looked at again after the kernel's event (here: one the test makes,
+    # as the kernel would for the real change); without, at every request.
+    from broker.devices import chain, uevents
+    if not uevents_watched:
+        monkeypatch.setattr(uevents, "MIN_KERNEL", (999, 0))
+    announce = kernel_uevent if uevents_watched else (lambda: None)
     calls = []
     real = chain.decide
     monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
@@ -280,12 +287,15 @@ def test_decisions_are_remembered_only_while_nothing_they_read_can_change(tmp_pa
     for _ in range(3):
         assert c.check_path_access(Caller(), hid)[0]
     assert len(calls) == 1                                 # remembered
+    assert c.uevents.watching is uevents_watched
     os.chown(hid, 0, PLUGDEV)                              # the node's group: a new key
     assert c.check_path_access(Caller(), hid)[0] and len(calls) == 2
-    # udev's database entry goes away: "initialized" is part of the key
+    # udev's database entry goes away (as on the device's removal):
+    # "initialized" is part of the key
     from udev_tree import UdevTree
     db = UdevTree(tmp_path).udev_data / "c1:5"
     os.rename(db, f"{db}.gone")
+    announce()
     assert not c.check_path_access(Caller(), hid)[0] and len(calls) == 3
     os.rename(f"{db}.gone", db)
     # the device goes and comes back (a new sysfs directory): decided afresh
@@ -293,7 +303,37 @@ def test_decisions_are_remembered_only_while_nothing_they_read_can_change(tmp_pa
     os.rename(sysdir, sysdir + ".old")
     import shutil
     shutil.copytree(sysdir + ".old", sysdir, symlinks=True)
+    announce()
     assert c.check_path_access(Caller(), hid)[0] and len(calls) == 4
+    for _ in range(2):
+        assert c.check_path_access(Caller(), hid)[0]
+    assert len(calls) == 4                                 # and remembered again
+    # With uevents, the node's device is not even looked up until one
+    # arrives: a MAJ:MIN link that vanished unannounced (no kernel does
+    # that) is seen only without uevents, or after the next event.
+    link = tmp_path / "sys/dev/char/1:5"
+    os.unlink(link)
+    assert c.check_path_access(Caller(), hid)[0] is uevents_watched
+    announce()
+    ok, info = c.check_path_access(Caller(), hid)
+    assert not ok and info["rule"] == "default-deny" and info["rules"] == "-", info
+    with pytest.raises(DeviceError, match="has no udev record"):
+        c.open_path(Caller(), hid)
+
+
+def test_an_uninitialized_device_is_looked_at_every_time(tmp_path, monkeypatch):
+    # udevd writes the database after the kernel's event, announcing nothing:
+    # a device not yet initialized is checked again at the next request
+    from udev_tree import UdevTree
+    hid = make(tmp_path, "hidraw0")
+    db = UdevTree(tmp_path).udev_data / "c1:5"
+    os.rename(db, f"{db}.later")
+    c = core(tmp_path)
+    ok, info = c.check_path_access(Caller(), hid)
+    assert not ok and "deny_uninitialized=DENY" in info["rules"]
+    assert c.uevents.watching
+    os.rename(f"{db}.later", db)                           # no event
+    assert c.check_path_access(Caller(), hid)[0]
 
 
 def test_usb_decisions_are_remembered_until_the_kernel_announces_a_change(tmp_path,
@@ -337,9 +377,16 @@ def test_without_uevents_usb_decisions_are_made_every_time(tmp_path, monkeypatch
         c.open_path(Caller(), usb)
 
 
-def test_a_device_replaced_at_the_same_node_is_decided_afresh(tmp_path):
+@pytest.mark.parametrize("uevents_watched", [True, False], ids=["uevents", "no-uevents"])
+def test_a_device_replaced_at_the_same_node_is_decided_afresh(tmp_path, monkeypatch,
+                                                               uevents_watched):
     # hidraw0 (allowed) goes away and a hub comes at the same number: a new
-    # sysfs directory behind the same /sys/dev/char link, no uevent needed
+    # sysfs directory behind the same /sys/dev/char link.  The kernel
+    # announces both (remove, add); without uevents, the link is looked at
+    # for every request.
+    from broker.devices import uevents
+    if not uevents_watched:
+        monkeypatch.setattr(uevents, "MIN_KERNEL", (999, 0))
     hid = make(tmp_path, "hidraw0")
     c = core(tmp_path)
     assert c.check_path_access(Caller(), hid)[0]
@@ -347,5 +394,7 @@ def test_a_device_replaced_at_the_same_node_is_decided_afresh(tmp_path):
     hub = os.path.realpath(tmp_path / "sys/dev/char/250:1")     # usb 1-1, a hub
     os.unlink(link)
     os.symlink(os.path.relpath(hub, link.parent), link)
+    if uevents_watched:
+        kernel_uevent()
     ok, info = c.check_path_access(Caller(), hid)
     assert not ok and "deny_usb_hub=DENY" in info["rules"]

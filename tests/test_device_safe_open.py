@@ -19,6 +19,8 @@ def root(tmp_path):
     make_node(dev, "null", "c", 1, 3, mode=0o666)
     make_node(dev, "bus/usb/001/002", "c", 1, 5)
     make_node(dev, "loop9", "b", 7, 9)
+    make_node(dev, "...", "c", 1, 5)          # dots, but not "." or "..": a name
+    make_node(dev, ".x/..y", "c", 1, 5)
     (tmp_path / "outside").mkdir()
     make_node(tmp_path / "outside", "secret", "c", 1, 5)
     (dev / "file").write_text("x")
@@ -44,7 +46,7 @@ def refused(root, path, use_openat2) -> DeviceError:
 
 def test_device_nodes_open_as_o_path(root, use_openat2):
     for rel, kind in (("null", stat.S_ISCHR), ("bus/usb/001/002", stat.S_ISCHR),
-                      ("loop9", stat.S_ISBLK)):
+                      ("loop9", stat.S_ISBLK), ("...", stat.S_ISCHR), (".x/..y", stat.S_ISCHR)):
         node = safe_open.open_node(str(root), f"{root}/{rel}", use_openat2)
         try:
             assert kind(node.st.st_mode)
@@ -69,6 +71,9 @@ def test_device_nodes_open_as_o_path(root, use_openat2):
     ("./null", "InvalidArgument", "not canonical"),
     ("bus//usb/001/002", "InvalidArgument", "not canonical"),
     ("null/", "InvalidArgument", "not canonical"),
+    ("bus/.", "InvalidArgument", "not canonical"),
+    ("bus/..", "InvalidArgument", "not canonical"),
+    ("bus/./usb/001/002", "InvalidArgument", "not canonical"),
 ])
 def test_refusals_under_the_root(root, use_openat2, rel, kind, says):
     e = refused(root, f"{root}/{rel}", use_openat2)

@@ -32,11 +32,15 @@ class Decision:
     reason: str = ""                      # set when no rule could be asked
     explanation: str = field(init=False, default="")    # explain(), for messages
     trail_text: str = field(init=False, default="")     # trail(), for the log
+    log_fields: dict = field(init=False, default=None, compare=False)  # for the log line
 
     def __post_init__(self):
         # computed once: a remembered decision is logged many times
         object.__setattr__(self, "explanation", self.explain())
         object.__setattr__(self, "trail_text", self.trail())
+        object.__setattr__(self, "log_fields", {
+            "rule": self.rule_name, "rule_verdict": self.verdict.value,
+            "rules": self.trail_text})
 
     @property
     def allowed(self) -> bool:

@@ -7,7 +7,10 @@ back an fd, a bool or a lease id (with `info`, below), or a DeviceError.  For ea
   1. policy     - may this caller use this device operation at all
                   ([[grant]] devices = ["open", "chown"] in broker.toml);
   2. path       - beneath the dev root, canonical, no symlinks: an O_PATH fd
-                  on a character or block device (safe_open);
+                  on a character or block device (safe_open).  The dev root
+                  is opened at the first request and held: paths resolve
+                  beneath that directory, so something mounted over the dev
+                  root later is not seen before the broker restarts;
   3. record     - the udev record of the device number fstat gave (record);
   4. rules      - the chain's decision (chain), naming the deciding rule;
   5. action     - open (O_RDWR, O_RDONLY if the rule allows the fallback),
@@ -22,14 +25,25 @@ request itself (lease ends, which no request causes, are logged by leases.py).
 Decisions are remembered when they read nothing that can change within a
 device instance (record.py: the reader's `live` flag); the key is what they
 did read: the path, the node's owner, group and mode, the device instance
-(sysfs directory and its identity, looked up again for every request) and
-whether udev has initialized it.  A USB device's decision reads its
-interfaces and their drivers, which change without a new instance: it is
-remembered only while the kernel's uevents are watched (uevents.py), and
-every remembered decision is forgotten as soon as any uevent arrives; the
-socket is drained before anything is read for a request.  Decisions that
-read what the kernel does not announce (udev's database, live attributes:
-the reader's `unannounced`) are made afresh every time.
+(sysfs directory and its identity) and whether udev has initialized it.  A
+USB device's decision reads its interfaces and their drivers, which change
+without a new instance: it is remembered only while the kernel's uevents are
+watched (uevents.py), and every remembered decision is forgotten as soon as
+any uevent arrives.  Decisions that read what the kernel does not announce
+(udev's database, live attributes: the reader's `unannounced`) are made
+afresh every time.
+
+Looking the instance up (the MAJ:MIN link, the directory, udev's database
+entry) is skipped while uevents are watched and none has arrived since a
+decision for the same node (path, inode, number, owner, group, mode) was
+made about an initialized device: nothing the lookup reads can have changed
+unannounced.  Another device gets a number only after the one before it was
+removed, and the kernel queues "remove" on our socket before the number is
+free; udevd deletes a database entry only on "remove" (it writes a new one
+over the old on other events).  The socket is drained after the node is
+opened and fstat'ed, so an event not yet in it is about something that
+happened after the node was reached.  What stays unannounced is the other
+direction, a device becoming initialized: those decisions always look.
 """
 from __future__ import annotations
 
@@ -46,6 +60,7 @@ from .rules import DETACH, LOCKDOWN, Device
 from .rules.base import usb_interfaces
 
 DECISION_CACHE = 1024
+GRANT_CACHE = 1024
 
 
 class DeviceCore:
@@ -59,7 +74,12 @@ class DeviceCore:
         self.use_openat2 = use_openat2
         self.ioctl = ioctl                   # None: fcntl.ioctl
         self._decisions: dict[tuple, chain.Decision] = {}
+        # (path, node identity, number, mode, owner) -> one of _decisions'
+        # decisions, while nothing was announced (_quiet_since_decided)
+        self._by_node: dict[tuple, chain.Decision] = {}
+        self._grants: dict[tuple, bool] = {}  # (uid, gids, op) -> policy.device_grant's answer
         self.uevents: UeventMonitor | None = None   # opened on first use (in the front)
+        self._root_fd = -1                   # the dev root, opened on first use (likewise)
 
     # -- the four operations -----------------------------------------------------------
     def check_path_access(self, caller, path: str) -> tuple[bool, dict]:
@@ -90,7 +110,7 @@ class DeviceCore:
             raise
         finally:
             node.close()
-        return fd, {**_decided(decision), "done": how}
+        return fd, {**decision.log_fields, "done": how}
 
     def chown_device(self, caller, path: str) -> tuple[str, dict]:
         """Give the node to the caller's uid for a lease; returns the lease id."""
@@ -130,14 +150,26 @@ class DeviceCore:
         self.leases.close_all()
         if self.uevents is not None:
             self.uevents.close()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     # -- steps ---------------------------------------------------------------------------
     def _granted(self, caller, op: str) -> bool:
-        try:
-            self.policy.device_grant(caller.uid, caller.gids, op)
-            return True
-        except Exception:
-            return False
+        # The policy is fixed for the broker's life, so its answer for a
+        # (uid, groups, op) is too: asked once (a few callers, a few ops).
+        key = (caller.uid, caller.gids, op)
+        granted = self._grants.get(key)
+        if granted is None:
+            try:
+                self.policy.device_grant(caller.uid, caller.gids, op)
+                granted = True
+            except Exception:
+                granted = False
+            if len(self._grants) >= GRANT_CACHE:
+                self._grants.clear()
+            self._grants[key] = granted
+        return granted
 
     def _authorize(self, caller, ops: tuple[str, ...]) -> None:
         if any(self._granted(caller, op) for op in ops):
@@ -151,8 +183,26 @@ class DeviceCore:
         one (or no way to know) makes every remembered decision stale."""
         if self.uevents is None:
             self.uevents = UeventMonitor()
-        if self.uevents.changed() and self._decisions:
-            self._decisions.clear()
+        # Not watching (from the start): only decisions keyed by what they
+        # read were kept, nothing to forget.  A socket that fails now was
+        # watching: what it guarded goes.
+        was_watching = self.uevents.watching
+        if self.uevents.changed() and was_watching:
+            if self._decisions:
+                self._decisions.clear()
+            if self._by_node:
+                self._by_node.clear()
+
+    def _dev_root_fd(self) -> int:
+        """The dev root, held open from the first request on: every path is
+        resolved beneath this one directory.  Not opened yet (or it could
+        not be opened): -1, and the path is resolved from the root's name."""
+        if self._root_fd < 0:
+            try:
+                self._root_fd = safe_open.open_root(self.config.dev_root)
+            except OSError:
+                pass            # open_node reports it, by the root's name
+        return self._root_fd
 
     def _may_remember(self) -> bool:
         """The decision just made read only what cannot change within the
@@ -162,10 +212,18 @@ class DeviceCore:
         return not reader.live or (not reader.unannounced and self.uevents.watching)
 
     def _evaluate(self, path: str):
-        self._forget_if_sysfs_changed()
-        node = safe_open.open_node(self.config.dev_root, path, self.use_openat2)
+        node = safe_open.open_node(self.config.dev_root, path, self.use_openat2,
+                                   self._dev_root_fd())
         try:
             st = node.st
+            # Drained after the fstat: an event not in the socket yet is
+            # about a change made after the node was opened (module doc).
+            self._forget_if_sysfs_changed()
+            node_key = (path, st.st_dev, st.st_ino, st.st_rdev, st.st_mode, st.st_uid,
+                        st.st_gid)
+            decision = self._by_node.get(node_key)
+            if decision is not None:
+                return node, decision
             record = self.reader.for_stat(st)
             if record is None:
                 return node, chain.no_record(path)
@@ -176,13 +234,21 @@ class DeviceCore:
                 self.reader.live = self.reader.unannounced = False
                 decision = chain.decide(self.config.rules, Device(path, st, record))
                 if self._may_remember():
-                    if len(self._decisions) >= DECISION_CACHE:
-                        self._decisions.clear()
-                    self._decisions[key] = decision
+                    _remember(self._decisions, key, decision)
+            if self._decisions.get(key) is decision and self._quiet_since_decided(record):
+                _remember(self._by_node, node_key, decision)
             return node, decision
         except BaseException:
             node.close()
             raise
+
+    def _quiet_since_decided(self, record) -> bool:
+        """Until the next uevent, may requests for this node skip sysfs and
+        udev's database?  Only while uevents are watched (every way the
+        node's device can change is then announced) and once udev has
+        initialized the device (an initialized device stays so until it is
+        removed; the other way round changes with no kernel event)."""
+        return self.uevents.watching and record.is_initialized
 
     def _decide_or_refuse(self, path: str):
         node, decision = self._evaluate(path)
@@ -238,7 +304,13 @@ class DeviceCore:
         return f"USBDEVFS_DISCONNECT_CLAIM interfaces={done}"
 
 
+def _remember(cache: dict, key: tuple, decision: chain.Decision) -> None:
+    if len(cache) >= DECISION_CACHE:
+        cache.clear()
+    cache[key] = decision
+
+
 def _decided(decision: chain.Decision) -> dict:
-    """What a log line says about the rules' decision."""
-    return {"rule": decision.rule_name, "rule_verdict": decision.verdict.value,
-            "rules": decision.trail_text}
+    """What a log line says about the rules' decision (a copy: callers add
+    to it)."""
+    return dict(decision.log_fields)

@@ -17,6 +17,7 @@ checked with fstat.  Both refuse the same things (the tests run both).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import stat as stat_mod
@@ -57,8 +58,9 @@ def check_path(root: str, path: str) -> str:
         raise invalid("the path contains control characters or is too long")
     if not path.startswith("/"):
         raise invalid(f"{path!r} is not an absolute path")
-    parts = path.split("/")[1:]
-    if any(p in ("", ".", "..") for p in parts):
+    # an empty, "." or ".." component, anywhere or last
+    if ("//" in path or "/./" in path or "/../" in path
+            or path.endswith(("/", "/.", "/.."))):
         raise invalid(f"{path!r} is not canonical (empty, '.' or '..' components)")
     prefix = root.rstrip("/") + "/"
     if not path.startswith(prefix) or len(path) == len(prefix):
@@ -107,25 +109,37 @@ def _walk(root_fd: int, rel: str) -> int:
         raise
 
 
+def open_root(root: str) -> int:
+    """An O_PATH fd on the device root, to resolve beneath."""
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _beneath(root_fd: int, rel: str, use_openat2: bool) -> int:
+    if use_openat2:
+        try:
+            return syscalls.openat2(root_fd, rel, O_PATH_FLAGS, 0, RESOLVE)
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+    return _walk(root_fd, rel)
+
+
 def open_beneath(root: str, rel: str, use_openat2: bool = True) -> int:
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(root)
     try:
-        if use_openat2:
-            try:
-                return syscalls.openat2(root_fd, rel, O_PATH_FLAGS, 0, RESOLVE)
-            except OSError as e:
-                if e.errno != errno.ENOSYS:
-                    raise
-        return _walk(root_fd, rel)
+        return _beneath(root_fd, rel, use_openat2)
     finally:
         os.close(root_fd)
 
 
-def open_node(root: str, path: str, use_openat2: bool = True) -> Node:
-    """An O_PATH fd on the character or block device at `path` under `root`."""
+def open_node(root: str, path: str, use_openat2: bool = True, root_fd: int = -1) -> Node:
+    """An O_PATH fd on the character or block device at `path` under `root`
+    (resolved beneath `root_fd` when given: an open_root(root) the caller
+    holds)."""
     rel = check_path(root, path)
     try:
-        fd = open_beneath(root, rel, use_openat2)
+        fd = (_beneath(root_fd, rel, use_openat2) if root_fd >= 0
+              else open_beneath(root, rel, use_openat2))
     except OSError as e:
         raise _resolve_error(e, path) from None
     st = os.fstat(fd)
@@ -146,7 +160,9 @@ def reopen(fd: int, flags: int) -> int:
     new = os.open(fd_path(fd), flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     if not flags & os.O_NONBLOCK:
         try:
-            os.set_blocking(new, True)
+            # F_SETFL changes only the status flags (O_NONBLOCK, O_APPEND, ...):
+            # `flags` as given, i.e. O_NONBLOCK cleared, in one call
+            fcntl.fcntl(new, fcntl.F_SETFL, flags)
         except OSError:
             os.close(new)
             raise
