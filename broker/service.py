@@ -81,6 +81,11 @@ def _accounting(limits: dict, stats: dict) -> dict[str, Variant]:
             if type(values.get(k)) is int and values[k] >= 0}
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 class BrokerService:
     def __init__(self, bus, core: JailCore, features: dict, stores=None, devices=None,
                  calls_per_second: float = 200.0):
@@ -191,9 +196,14 @@ class BrokerService:
             sent = self.bus.send(reply)
             if reply.unix_fds:
                 # our copies of fds handed out (OpenPath): close them once the
-                # reply, and the fds with it, has left (the writer may queue it)
+                # reply, and the fds with it, has left: at once when the
+                # writer sent it right away (the usual case), else when the
+                # queued reply is sent
                 fds = list(reply.unix_fds)
-                sent.add_done_callback(lambda _f: [os.close(fd) for fd in fds])
+                if sent.done():
+                    _close_all(fds)
+                else:
+                    sent.add_done_callback(lambda _f: _close_all(fds))
         self._decided(msg, decided[0], **decided[1])
 
     def _decided(self, msg: Message, verdict: str, kind: str | None = None,
