@@ -89,6 +89,8 @@ _BARE = re.compile(r"[A-Za-z0-9\-_.:/,+@]+")
 def quote(value) -> str:
     """A value as it appears after key=: bare when plainly safe, else quoted
     with backslash escapes; never a raw control character."""
+    if value.__class__ is str:          # most values: one lookup when seen before
+        return _quote_text(value if len(value) <= MAX_VALUE else value[:MAX_VALUE] + "...")
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):

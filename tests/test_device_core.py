@@ -148,10 +148,10 @@ def test_read_only_fallback_only_where_the_rule_allows(tmp_path, monkeypatch):
     from broker.devices import safe_open
     real = safe_open.reopen
 
-    def no_write(fd, flags):
+    def no_write(fd, flags, *rest):
         if flags & os.O_ACCMODE == os.O_RDWR:
             raise PermissionError(13, "Permission denied")
-        return real(fd, flags)
+        return real(fd, flags, *rest)
 
     monkeypatch.setattr(safe_open, "reopen", no_write)
     path = make(tmp_path, "pbgadget", gid=PLUGDEV)         # allow_group: fallback allowed
@@ -204,7 +204,9 @@ def test_detach_claims_the_driver_held_interfaces(tmp_path):
 def test_a_failed_lockdown_hands_out_nothing(tmp_path):
     path = make(tmp_path, "bus/usb/001/005")
     c = core(tmp_path, ioctl=Ioctls(fail=True))
-    c.check_path_access(Caller(), path)      # the core's own fds (uevent socket) exist
+    # the core's own fds (uevent socket, dev root, /proc/self/fd) exist
+    c.check_path_access(Caller(), path)
+    c._own_fd_dir()
     before = _fds()
     with pytest.raises(DeviceError) as e:
         c.open_path(Caller(), path)
@@ -398,3 +400,49 @@ def test_a_device_replaced_at_the_same_node_is_decided_afresh(tmp_path, monkeypa
         kernel_uevent()
     ok, info = c.check_path_access(Caller(), hid)
     assert not ok and "deny_usb_hub=DENY" in info["rules"]
+
+
+def test_a_forked_child_drops_the_parents_fd_directory(tmp_path):
+    # the core's held /proc/self/fd names the fds of the process that opened
+    # it: a child must not reopen "its" fds through the parent's table
+    hid = make(tmp_path, "hidraw0")
+    c = core(tmp_path)
+    os.close(c.open_path(Caller(), hid)[0])
+    assert c._fd_dir >= 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, b"dropped" if c._fd_dir == -1 else b"kept")
+        finally:
+            os._exit(0)
+    os.close(w)
+    said = os.read(r, 16)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert said == b"dropped"
+    assert c._fd_dir >= 0                                  # the parent keeps its own
+
+
+def test_only_drivers_whose_open_may_wait_are_opened_nonblocking(tmp_path, monkeypatch):
+    # hidraw and usbfs look at no open flag but the access mode; anything
+    # else (here a plugdev node: could be a tty) is opened O_NONBLOCK, which
+    # is cleared afterwards, and that is remembered with the decision
+    from broker.devices import safe_open
+    real, seen = safe_open.reopen, []
+
+    def spy(fd, flags, fd_dir=-1, may_wait=True):
+        seen.append(may_wait)
+        return real(fd, flags, fd_dir, may_wait)
+
+    monkeypatch.setattr(safe_open, "reopen", spy)
+    for which, gid, may_wait in (("hidraw0", 0, False), ("bus/usb/001/003", 0, False),
+                                 ("pbgadget", PLUGDEV, True)):
+        path = make(tmp_path / which.replace("/", "_"), which, gid=gid)
+        c = core(tmp_path / which.replace("/", "_"))
+        for _ in range(2):                                 # decided, then remembered
+            fd, _info = c.open_path(Caller(), path)
+            assert os.get_blocking(fd)
+            os.close(fd)
+        assert seen == [may_wait, may_wait], (which, seen)
+        seen.clear()

@@ -97,10 +97,12 @@ def test_refusals_outside_or_malformed(root, use_openat2, path, kind):
     assert e.kind == kind, e
 
 
-def test_reopen_is_the_same_inode_and_blocking(root):
+@pytest.mark.parametrize("held_fd_dir", [False, True], ids=["by-path", "held-dir"])
+def test_reopen_is_the_same_inode_and_blocking(root, held_fd_dir):
     node = safe_open.open_node(str(root), f"{root}/null")
+    fd_dir = safe_open.open_own_fd_dir() if held_fd_dir else -1
     try:
-        fd = safe_open.reopen(node.fd, os.O_RDWR)
+        fd = safe_open.reopen(node.fd, os.O_RDWR, fd_dir)
         try:
             assert os.fstat(fd).st_ino == node.st.st_ino
             assert os.get_blocking(fd)
@@ -109,3 +111,20 @@ def test_reopen_is_the_same_inode_and_blocking(root):
             os.close(fd)
     finally:
         node.close()
+        if fd_dir >= 0:
+            os.close(fd_dir)
+
+
+def test_reopen_of_a_driver_that_never_waits_sets_no_flag(root, monkeypatch):
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(a[1]) or real_open(*a, **k))
+    node = safe_open.open_node(str(root), f"{root}/null")
+    try:
+        fd = safe_open.reopen(node.fd, os.O_RDWR, may_wait=False)
+        os.close(fd)
+        fd = safe_open.reopen(node.fd, os.O_RDWR)
+        os.close(fd)
+    finally:
+        node.close()
+    assert not opened[-2] & os.O_NONBLOCK and opened[-1] & os.O_NONBLOCK

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 
 from . import chain, safe_open, usbdevfs
 from .config import DevicesConfig
@@ -61,6 +62,12 @@ from .rules.base import usb_interfaces
 
 DECISION_CACHE = 1024
 GRANT_CACHE = 1024
+# Subsystems whose drivers' open() looks at no flag but the access mode
+# (hidraw, usbfs): O_NONBLOCK would change nothing, so they are opened
+# without it and need no fcntl after.  Every other node is opened
+# O_NONBLOCK (safe_open.reopen): a tty waits in open() for carrier, a sound
+# device while it is busy, and the front must not wait with them.
+OPEN_NEVER_WAITS = frozenset({"hidraw", "usb"})
 
 
 class DeviceCore:
@@ -74,12 +81,15 @@ class DeviceCore:
         self.use_openat2 = use_openat2
         self.ioctl = ioctl                   # None: fcntl.ioctl
         self._decisions: dict[tuple, chain.Decision] = {}
-        # (path, node identity, number, mode, owner) -> one of _decisions'
-        # decisions, while nothing was announced (_quiet_since_decided)
-        self._by_node: dict[tuple, chain.Decision] = {}
+        # (path, node identity, number, mode, owner) -> (one of _decisions'
+        # decisions, node.open_may_wait), while nothing was announced
+        # (_quiet_since_decided)
+        self._by_node: dict[tuple, tuple[chain.Decision, bool]] = {}
         self._grants: dict[tuple, bool] = {}  # (uid, gids, op) -> policy.device_grant's answer
         self.uevents: UeventMonitor | None = None   # opened on first use (in the front)
         self._root_fd = -1                   # the dev root, opened on first use (likewise)
+        self._fd_dir = -1                    # our /proc/self/fd, likewise (_own_fd_dir)
+        _cores.add(self)
 
     # -- the four operations -----------------------------------------------------------
     def check_path_access(self, caller, path: str) -> tuple[bool, dict]:
@@ -153,6 +163,7 @@ class DeviceCore:
         if self._root_fd >= 0:
             os.close(self._root_fd)
             self._root_fd = -1
+        self._drop_fd_dir()
 
     # -- steps ---------------------------------------------------------------------------
     def _granted(self, caller, op: str) -> bool:
@@ -204,6 +215,23 @@ class DeviceCore:
                 pass            # open_node reports it, by the root's name
         return self._root_fd
 
+    def _own_fd_dir(self) -> int:
+        """This process's /proc/self/fd, held from the first open on (-1 if
+        it cannot be opened: reopen then goes by the full path).  A forked
+        child drops its inherited copy (_after_fork): it names the parent's
+        fds."""
+        if self._fd_dir < 0:
+            try:
+                self._fd_dir = safe_open.open_own_fd_dir()
+            except OSError:
+                pass
+        return self._fd_dir
+
+    def _drop_fd_dir(self) -> None:
+        if self._fd_dir >= 0:
+            os.close(self._fd_dir)
+            self._fd_dir = -1
+
     def _may_remember(self) -> bool:
         """The decision just made read only what cannot change within the
         device instance, or else only what the kernel announces, and we are
@@ -221,12 +249,14 @@ class DeviceCore:
             self._forget_if_sysfs_changed()
             node_key = (path, st.st_dev, st.st_ino, st.st_rdev, st.st_mode, st.st_uid,
                         st.st_gid)
-            decision = self._by_node.get(node_key)
-            if decision is not None:
+            remembered = self._by_node.get(node_key)
+            if remembered is not None:
+                decision, node.open_may_wait = remembered
                 return node, decision
             record = self.reader.for_stat(st)
             if record is None:
                 return node, chain.no_record(path)
+            node.open_may_wait = record.subsystem not in OPEN_NEVER_WAITS
             key = (path, st.st_rdev, st.st_mode, st.st_uid, st.st_gid, record.syspath,
                    record.ident, record.is_initialized)
             decision = self._decisions.get(key)
@@ -236,7 +266,7 @@ class DeviceCore:
                 if self._may_remember():
                     _remember(self._decisions, key, decision)
             if self._decisions.get(key) is decision and self._quiet_since_decided(record):
-                _remember(self._by_node, node_key, decision)
+                _remember(self._by_node, node_key, (decision, node.open_may_wait))
             return node, decision
         except BaseException:
             node.close()
@@ -261,13 +291,15 @@ class DeviceCore:
 
     def _open(self, node, decision, path: str) -> tuple[int, str]:
         try:
-            fd, how = safe_open.reopen(node.fd, os.O_RDWR), "opened O_RDWR"
+            fd, how = safe_open.reopen(node.fd, os.O_RDWR, self._own_fd_dir(),
+                                       node.open_may_wait), "opened O_RDWR"
         except OSError as e:
             if not (decision.rule.readonly_fallback
                     and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)):
                 raise DeviceError("Failed", f"{path!r}: open: {e.strerror}") from None
             try:
-                fd, how = safe_open.reopen(node.fd, os.O_RDONLY), \
+                fd, how = safe_open.reopen(node.fd, os.O_RDONLY, self._own_fd_dir(),
+                                           node.open_may_wait), \
                     f"O_RDWR refused ({e.strerror}), opened O_RDONLY"
             except OSError as e2:
                 raise DeviceError("Failed", f"{path!r}: open: {e2.strerror}") from None
@@ -302,6 +334,18 @@ class DeviceCore:
             return f"USBDEVFS_DROP_PRIVILEGES mask={mask:#x}"
         done = usbdevfs.detach(fd, claimed, **kw)
         return f"USBDEVFS_DISCONNECT_CLAIM interfaces={done}"
+
+
+# Every core, so that a forked child drops what names its parent's fds.
+_cores: "weakref.WeakSet[DeviceCore]" = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for core in list(_cores):
+        core._drop_fd_dir()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _remember(cache: dict, key: tuple, decision: chain.Decision) -> None:

@@ -4,6 +4,7 @@ no symlinks, no "..", and only character or block devices.
   check_path(root, path)  lexical checks: absolute, canonical, beneath root
   open_node(root, path)   an O_PATH fd on the node, and its fstat
   reopen(fd, flags)       a real open of *that* inode via /proc/self/fd/N
+                          (open_own_fd_dir: that directory, held)
   fd_path(fd)             "/proc/self/fd/N", for chown/chmod/xattrs through the
                           fd (the kernel follows the magic link to the inode
                           the fd holds; the caller's path is never looked at
@@ -39,6 +40,9 @@ class Node:
     st: os.stat_result
     root: str
     rel: str                  # path below root
+    # May its driver's open() wait (a tty for carrier, a busy sound device)?
+    # reopen() then opens it O_NONBLOCK.  Whoever knows the driver says no.
+    open_may_wait: bool = True
 
     @property
     def kind(self) -> str:
@@ -153,12 +157,23 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def reopen(fd: int, flags: int) -> int:
-    """Open the inode an O_PATH fd holds.  O_NONBLOCK for the open itself (a
-    serial port without CLOCAL would block open() until carrier, stalling the
+def open_own_fd_dir() -> int:
+    """/proc/self/fd of this process, for reopen(): with it held, a reopen
+    looks up one name instead of four.  Meaningful in this process only: a
+    forked child must not use an inherited one (it names the parent's fds)."""
+    return os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def reopen(fd: int, flags: int, fd_dir: int = -1, may_wait: bool = True) -> int:
+    """Open the inode an O_PATH fd holds (through its /proc/self/fd link, or
+    that link's name in `fd_dir`, an open_own_fd_dir()).  If the driver's
+    open may wait (`may_wait`), O_NONBLOCK for the open itself (a serial
+    port without CLOCAL would block open() until carrier, stalling the
     broker), cleared afterwards so the caller gets an ordinary fd."""
-    new = os.open(fd_path(fd), flags | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
-    if not flags & os.O_NONBLOCK:
+    flags_now = flags | os.O_CLOEXEC | os.O_NOCTTY | (os.O_NONBLOCK if may_wait else 0)
+    new = (os.open(str(fd), flags_now, dir_fd=fd_dir) if fd_dir >= 0
+           else os.open(fd_path(fd), flags_now))
+    if may_wait and not flags & os.O_NONBLOCK:
         try:
             # F_SETFL changes only the status flags (O_NONBLOCK, O_APPEND, ...):
             # `flags` as given, i.e. O_NONBLOCK cleared, in one call

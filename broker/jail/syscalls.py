@@ -234,14 +234,21 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
+_OPEN_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+_open_hows: dict[tuple[int, int, int], object] = {}   # (flags, mode, resolve) -> byref
+
+
 def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) -> int:
     """openat2(dirfd, path, {flags, mode, resolve}) -> fd.  OSError(ENOSYS)
     on kernels before 5.6; ELOOP for a refused symlink, EXDEV for a path
     that would leave dirfd."""
-    how = _OpenHow(flags, mode, resolve)
-    return _check(_libc.syscall(SYS_openat2, ctypes.c_int(dirfd), _b(path),
-                                ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))),
-                  "openat2", path)
+    # The kernel only reads the struct: one per combination, made once (a
+    # caller such as the device core uses a single one on its hot path).
+    how = _open_hows.get((flags, mode, resolve))
+    if how is None:
+        how = _open_hows[(flags, mode, resolve)] = ctypes.byref(_OpenHow(flags, mode, resolve))
+    return _check(_libc.syscall(SYS_openat2, ctypes.c_int(dirfd), os.fsencode(path),
+                                how, _OPEN_HOW_SIZE), "openat2", path)
 
 
 # -- the mount API of fds: open_tree(2), move_mount(2), mount_setattr(2) -------
