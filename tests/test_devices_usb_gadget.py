@@ -302,6 +302,38 @@ def test_the_same_ioctl_on_an_fd_without_lockdown_is_not_refused(gadgets):
         os.close(fd)
 
 
+def test_a_driver_unbound_and_bound_again_is_seen_at_the_next_call(broker, gadgets, caller):
+    """The broker remembers a USB device's decision until the kernel
+    announces a change (broker/devices/core.py).  Unbinding cdc_acm through
+    sysfs is such a change: the next OpenPath finds the interfaces free and
+    allows the device without lockdown; binding it again brings lockdown
+    back.  Real uevents from the real kernel, no test-made ones."""
+    g = gadgets["lockdown"]
+    acm = sorted(n for n, (_, drv) in g.ifaces.items() if drv == "cdc_acm")
+    free = g.number(VENDOR)
+    drivers = Path("/sys/bus/usb/drivers/cdc_acm")
+    names = [f"{g.sys.name}:1.{n}" for n in acm]
+    probe(broker, caller, g, f"claim:{free}")                 # decided (and remembered)
+    probe(broker, caller, g, f"claim:{free}")
+    assert "ALLOW_WITH_LOCKDOWN" in decision_lines(broker, "OpenPath")[-1]
+    try:
+        (drivers / "unbind").write_text(names[0])   # the control interface: ACM lets go of both
+        _wait(lambda: all(g.interfaces()[n][1] is None for n in acm), "cdc_acm stayed bound")
+        out = probe(broker, caller, g, *(f"claim:{n}" for n in acm))
+        line = decision_lines(broker, "OpenPath")[-1]
+        assert "ALLOW_WITH_LOCKDOWN" not in line and "DROP_PRIVILEGES" not in line, line
+        assert "rule_verdict=ALLOW" in line, line
+        assert all(out[f"claim:{n}"] == "ok" for n in acm), out
+    finally:
+        (drivers / "bind").write_text(names[0])
+        _wait(lambda: all(g.interfaces()[n][1] == "cdc_acm" for n in acm),
+              "cdc_acm did not bind again")
+    out = probe(broker, caller, g, *(f"disconnect_claim:{n}" for n in acm))
+    line = decision_lines(broker, "OpenPath")[-1]
+    assert "ALLOW_WITH_LOCKDOWN" in line and f"mask={1 << free:#x}" in line, line
+    assert all(out[f"disconnect_claim:{n}"] == "EACCES" for n in acm), out
+
+
 def test_detach_hands_the_claimed_interfaces_to_the_fd(broker, gadgets, caller):
     g = gadgets["detach"]
     acm = sorted(n for n, (_, drv) in g.ifaces.items() if drv == "cdc_acm")
