@@ -183,8 +183,9 @@ class DeviceCore:
         return granted
 
     def _authorize(self, caller, ops: tuple[str, ...]) -> None:
-        if any(self._granted(caller, op) for op in ops):
-            return
+        for op in ops:
+            if self._granted(caller, op):
+                return
         raise denied(f"no grant lets uid {caller.uid} use device operation "
                      f"{' or '.join(repr(o) for o in ops)} (grants are in the broker's policy "
                      f"file)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 import stat as stat_mod
@@ -70,6 +71,11 @@ def check_path(root: str, path: str) -> str:
     if not path.startswith(prefix) or len(path) == len(prefix):
         raise denied(f"{path!r} is not a node under the device root {root}")
     return path[len(prefix):]
+
+
+# check_path is lexical, so an answer can be remembered (a refusal, an
+# exception, is not); a device's path is asked for again and again.
+_check_path_remembered = functools.lru_cache(maxsize=256)(check_path)
 
 
 def _kind_name(mode: int) -> str:
@@ -140,7 +146,8 @@ def open_node(root: str, path: str, use_openat2: bool = True, root_fd: int = -1)
     """An O_PATH fd on the character or block device at `path` under `root`
     (resolved beneath `root_fd` when given: an open_root(root) the caller
     holds)."""
-    rel = check_path(root, path)
+    rel = (_check_path_remembered(root, path) if type(path) is str
+           else check_path(root, path))
     try:
         fd = (_beneath(root_fd, rel, use_openat2) if root_fd >= 0
               else open_beneath(root, rel, use_openat2))
