@@ -349,10 +349,12 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _remember(cache: dict, key: tuple, decision: chain.Decision) -> None:
+def _remember(cache: dict, key: tuple, value) -> None:
+    """Bounded: a full cache starts over (re-deciding is cheap; a table a
+    caller could grow without end is not)."""
     if len(cache) >= DECISION_CACHE:
         cache.clear()
-    cache[key] = decision
+    cache[key] = value
 
 
 def _decided(decision: chain.Decision) -> dict:
