@@ -142,6 +142,11 @@ def test_default_deny_and_no_record(tmp_path):
     make_node(tmp_path / "dev", "unknown", "c", 1, 7)      # no sysfs entry for 1:7
     with pytest.raises(DeviceError, match="no udev record"):
         c.open_path(Caller(), f"{tmp_path}/dev/unknown")
+    # CheckPathAccess answers no, and its log line says why
+    ok, info = c.check_path_access(Caller(), f"{tmp_path}/dev/unknown")
+    assert not ok and "no udev record" in info["why"], info
+    ok, info = c.check_path_access(Caller(), path)        # a rule decided: no "why"
+    assert not ok and "why" not in info and info["rule"] == "default-deny", info
 
 
 def test_read_only_fallback_only_where_the_rule_allows(tmp_path, monkeypatch):
@@ -319,6 +324,7 @@ def test_decisions_are_remembered_only_while_nothing_they_read_can_change(
     announce()
     ok, info = c.check_path_access(Caller(), hid)
     assert not ok and info["rule"] == "default-deny" and info["rules"] == "-", info
+    assert "no udev record" in info["why"], info            # the line says why
     with pytest.raises(DeviceError, match="has no udev record"):
         c.open_path(Caller(), hid)
 

@@ -107,6 +107,8 @@ class DeviceCore:
         info = {"answer": ok, **_decided(decision)}
         if decision.allowed and not ok:
             info["why"] = "no grant to open"
+        elif decision.reason:           # no rule was asked (no udev record): say so
+            info["why"] = decision.reason
         return ok, info
 
     def open_path(self, caller, path: str) -> tuple[int, dict]:
