@@ -326,10 +326,6 @@ class UdevReader:
         self.udev_data = udev_data
         self.cache_size = cache_size
         self._cache: OrderedDict[str, DeviceRecord] = OrderedDict()
-        # MAJ:MIN link -> the record it named when last read (for_stat's
-        # shortcut); only records still in _cache are used, and it is
-        # emptied with it
-        self._by_link: dict[str, DeviceRecord] = {}
         self.live = False       # set by any read of what may change within an instance
         self.unannounced = False  # ... of what changes without a kernel uevent
 
@@ -351,12 +347,11 @@ class UdevReader:
         self._cache[syspath] = rec
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-            self._by_link.clear()       # rare; a full re-read costs one readlink each
         return rec
 
     def for_devnum(self, kind: str, major: int, minor: int) -> DeviceRecord | None:
         """The record of char ("c") or block ("b") device MAJ:MIN, or None."""
-        link = self._link_of(kind, major, minor)
+        link = f"{self.sysfs}/dev/{'char' if kind == 'c' else 'block'}/{major}:{minor}"
         try:
             target = os.readlink(link)
         except OSError:
@@ -367,7 +362,6 @@ class UdevReader:
         rec = self.at(syspath)
         if rec is not None:
             rec._devnum = (kind, major, minor)
-            self._by_link[link] = rec
         return rec
 
     def for_stat(self, st: os.stat_result) -> DeviceRecord | None:
@@ -377,29 +371,4 @@ class UdevReader:
             kind = "b"
         else:
             return None
-        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-        return (self._same_as_before(self._link_of(kind, major, minor))
-                or self.for_devnum(kind, major, minor))
-
-    def _link_of(self, kind: str, major: int, minor: int) -> str:
-        return f"{self.sysfs}/dev/{'char' if kind == 'c' else 'block'}/{major}:{minor}"
-
-    def _same_as_before(self, link: str) -> DeviceRecord | None:
-        """The record this MAJ:MIN link named last time, if it still names
-        that directory: one stat through the link, compared by identity (a
-        directory is reached by one path only, so the same (st_dev, st_ino)
-        is the same place in sysfs, already found inside it).  Anything else
-        (gone, another directory, not a directory) is for for_devnum to
-        look at afresh."""
-        rec = self._by_link.get(link)
-        if rec is None:
-            return None
-        try:
-            st = os.stat(link)
-        except OSError:
-            return None
-        if (st.st_dev, st.st_ino) != rec.ident or self._cache.get(rec.syspath) is not rec:
-            return None
-        self._cache.move_to_end(rec.syspath)
-        rec.refresh()
-        return rec
+        return self.for_devnum(kind, os.major(st.st_rdev), os.minor(st.st_rdev))
