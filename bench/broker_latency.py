@@ -128,8 +128,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
-    from dbus_fixture import PrivateBus, ensure_group
-    ensure_group("privbroker")
+    from dbus_fixture import PrivateBus, ensure_front_identity
+    ensure_front_identity()
     import tempfile
     deploy = Path(tempfile.mkdtemp(prefix="privbroker-bench-"))
     shutil.copytree(ROOT / "examples" / "profiles", deploy / "profiles")

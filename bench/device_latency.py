@@ -164,8 +164,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--log-level", default="info", choices=["info", "warning"],
                     help="info (the default, as deployed) logs one line per decision")
+    ap.add_argument("--keep-log", metavar="FILE",
+                    help="copy the broker's log (its stderr) to FILE at the end")
     args = ap.parse_args()
-    from dbus_fixture import PrivateBus
+    from dbus_fixture import PrivateBus, ensure_front_identity
+    ensure_front_identity()
     d = Path(tempfile.mkdtemp(prefix="privbroker-devbench-", dir="/var/tmp"))
     try:
         config = deployment(d)
@@ -192,6 +195,8 @@ def main() -> None:
                 stand_in.terminate()
                 stand_in.wait()
     finally:
+        if args.keep_log and (d / "broker.log").exists():
+            shutil.copy(d / "broker.log", args.keep_log)
         shutil.rmtree(d, ignore_errors=True)
     floor = statistics.median(r["noop"])
     print(f"{args.runs} round trips each (blocks of 50, shuffled), {os.cpu_count()} cpus, broker log "

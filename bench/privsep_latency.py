@@ -87,9 +87,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--before", default=PRE_SPLIT)
     args = ap.parse_args()
-    from dbus_fixture import PrivateBus, ensure_front_user, ensure_group
-    gid, _ = ensure_group("privbroker")
-    ensure_front_user("privbroker", gid)
+    from dbus_fixture import PrivateBus, ensure_front_identity
+    ensure_front_identity()
     work = Path(tempfile.mkdtemp(prefix="privbroker-privsep-"))
     os.chmod(work, 0o755)
     try:

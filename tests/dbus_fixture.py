@@ -308,6 +308,15 @@ def ensure_front_user(name: str, gid: int) -> bool:
     return True
 
 
+def ensure_front_identity(name: str = "privbroker") -> None:
+    """The group and system user privbrokerd needs before it starts (its
+    front drops to the user; the sample config grants the group).  For the
+    benches, which start a broker on a machine the tests may not have
+    touched yet; they are left in place, as an install would."""
+    gid, _ = ensure_group(name)
+    ensure_front_user(name, gid)
+
+
 def remove_group(name: str) -> None:
     subprocess.run(["groupdel", name], capture_output=True)
 
