@@ -18,6 +18,12 @@
               Noop() and NoopFd() -> h (a dup of an fd it holds); their
               difference is what passing one fd through dbus-daemon costs,
               whatever the method
+  bare-open   the same service's OpenMin(<dev>/hidraw0) -> h: only the work no
+              OpenPath can skip (openat2 beneath the dev root, fstat, a poll
+              of a uevent socket, the reopen through /proc/self/fd, close,
+              the fd sent, one log line written at --log-level info), with
+              no rules, policy or framework: bare-open - bare is the least
+              an OpenPath can add to a no-op on this machine
 In blocks of 50 calls of one kind, the kinds' order shuffled every round, after a
 warm-up; prints p50/p99 and each median as a multiple
 of the broker's no-op.  Target: OpenPath <= 1.2x.  Asserts nothing.
@@ -77,24 +83,55 @@ BARE_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Conf
 <busconfig><policy user="root"><allow own="{BARE_NAME}"/>
 <allow send_destination="{BARE_NAME}"/></policy></busconfig>"""
 BARE = r"""
-import asyncio, os, sys
+import asyncio, os, select, socket, sys
 sys.path.insert(0, sys.argv[2])
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 from broker import busfix
+from broker.jail import syscalls
+
+DEV_ROOT, LOG, LOGGED = sys.argv[3], sys.argv[4], sys.argv[5] == "info"
+RESOLVE = syscalls.RESOLVE_BENEATH | syscalls.RESOLVE_NO_SYMLINKS | syscalls.RESOLVE_NO_MAGICLINKS
+O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+LINE = (b"privbrokerd: INFO decision method=OpenPath verdict=allowed uid=0 pid=1234 "
+        b"sender=:1.5 path=/dev/hidraw0 rule=hidraw-fido rules=hidraw-fido:allow "
+        b"done=\"opened O_RDWR\"\n")
 
 async def main():
     busfix.install()
     bus = await MessageBus(bus_address=sys.argv[1], bus_type=BusType.SYSTEM,
                            negotiate_unix_fd=True).connect()
     held = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
+    # what OpenPath's unavoidable work holds: the dev root, /proc/self/fd,
+    # a uevent socket, the log
+    root = os.open(DEV_ROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd_dir = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    uevents = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, 15)
+    uevents.bind((0, 1))
+    poll = select.poll()
+    poll.register(uevents.fileno(), select.POLLIN)
+    log = os.open(LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    prefix = DEV_ROOT.rstrip("/") + "/"
+
+    def send_fd(msg, fd):
+        bus.send(Message.new_method_return(msg, "h", [0], unix_fds=[fd])
+                 ).add_done_callback(lambda _f: os.close(fd))
+
     def handle(msg):
         if msg.message_type != MessageType.METHOD_CALL:
             return None
         if msg.member == "NoopFd":
-            fd = os.dup(held)
-            bus.send(Message.new_method_return(msg, "h", [0], unix_fds=[fd])
-                     ).add_done_callback(lambda _f: os.close(fd))
+            send_fd(msg, os.dup(held))
+            return True
+        if msg.member == "OpenMin":      # the syscalls OpenPath cannot do without
+            node = syscalls.openat2(root, msg.body[0][len(prefix):], O_PATH, 0, RESOLVE)
+            os.fstat(node)
+            poll.poll(0)
+            fd = os.open(str(node), os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY, dir_fd=fd_dir)
+            os.close(node)
+            send_fd(msg, fd)
+            if LOGGED:
+                os.write(log, LINE)
             return True
         bus.send(Message.new_method_return(msg))          # the same path as NoopFd
         return True
@@ -117,17 +154,20 @@ async def measure(address: str, dev: Path, runs: int) -> dict:
     from client import AsyncBroker
     b = await AsyncBroker(address).connect()
     hid, usb = str(dev / "hidraw0"), str(dev / "bus/usb/001/003")
-    out = {"noop": [], "open-hid": [], "open-usb": [], "check": [], "bare": [], "bare-fd": []}
+    out = {name: [] for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd",
+                                  "bare-open")}
     calls = {"noop": lambda: b.list_jails(), "check": lambda: b.check_path_access(hid)}
 
-    async def bare(member):
+    async def bare(member, *body):
         reply = await b.bus.call(Message(destination=BARE_NAME, path="/", interface=BARE_NAME,
-                                         member=member))
+                                         member=member, signature="s" * len(body),
+                                         body=list(body)))
         for fd in reply.unix_fds:
             os.close(fd)
 
     calls["bare"] = lambda: bare("Noop")
     calls["bare-fd"] = lambda: bare("NoopFd")
+    calls["bare-open"] = lambda: bare("OpenMin", hid)
 
     async def open_close(path):
         os.close(await b.open_path(path))
@@ -173,7 +213,8 @@ def main() -> None:
     try:
         config = deployment(d)
         with PrivateBus(extra_policy={"bench-bare.conf": BARE_POLICY}) as bus:
-            stand_in = subprocess.Popen([sys.executable, "-c", BARE, bus.address, str(ROOT)],
+            stand_in = subprocess.Popen([sys.executable, "-c", BARE, bus.address, str(ROOT),
+                                         str(d / "dev"), str(d / "bare.log"), args.log_level],
                                         stdout=subprocess.PIPE, text=True)
             assert stand_in.stdout.readline().strip() == "ready"
             log = open(d / "broker.log", "wb")          # as journald would get it
@@ -202,7 +243,7 @@ def main() -> None:
     print(f"{args.runs} round trips each (blocks of 50, shuffled), {os.cpu_count()} cpus, broker log "
           f"level {args.log_level}" + (" (one line per decision, to a file)"
                                        if args.log_level == "info" else " (decisions not logged)"))
-    for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd"):
+    for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd", "bare-open"):
         print(f"{name:9s} p50 {pct(r[name], 50):7.1f} us  p99 {pct(r[name], 99):7.1f} us"
               f"   x{statistics.median(r[name]) / floor:.2f} of noop")
 
@@ -211,7 +252,16 @@ def main() -> None:
     print(f"passing one fd through the bus (bare-fd - bare): {fd_cost * 1e6:.1f} us; "
           f"OpenPath(hidraw) without it: "
           f"x{(statistics.median(r['open-hid']) - fd_cost) / floor:.2f} of noop")
-
+    # What any OpenPath must add to a no-op, measured in this run: the bare
+    # service's OpenMin does only the syscalls (resolve, fstat, uevent poll,
+    # reopen, close), sends the fd and writes a line, with no rules, policy
+    # or framework.  Added to the broker's no-op, it is the best ratio this
+    # machine allows with this floor.
+    premium = statistics.median(r["open-hid"]) - floor
+    least = statistics.median(r["bare-open"]) - statistics.median(r["bare"])
+    print(f"OpenPath(hidraw) premium over the noop: {premium * 1e6:.1f} us; the least it could "
+          f"be (bare-open - bare): {least * 1e6:.1f} us, i.e. x{(floor + least) / floor:.2f} "
+          f"of noop at best")
 
 if __name__ == "__main__":
     main()
