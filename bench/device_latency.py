@@ -27,6 +27,13 @@
 In blocks of 50 calls of one kind, the kinds' order shuffled every round, after a
 warm-up; prints p50/p99 and each median as a multiple
 of the broker's no-op.  Target: OpenPath <= 1.2x.  Asserts nothing.
+
+Where the processes run moves every figure.  On the 2-cpu VM this was
+written on, the broker's blocks came in two speeds, 50 us apart, that held
+for a block or more (the noop's near 118 or 167 us), so a run's medians also
+measure how its blocks fell; `--cpu N` runs everything on one cpu, which
+gave one speed, all figures lower and the ratios higher (the no-op loses
+its cross-cpu wakeups, the premium is work and stays).
 """
 from __future__ import annotations
 
@@ -77,6 +84,7 @@ def deployment(d: Path) -> Path:
     return d / "broker.toml"
 
 
+BLOCK = 50                  # calls of one kind in a row
 BARE_NAME = "org.privbroker.BenchBare"
 BARE_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
@@ -184,7 +192,7 @@ async def measure(address: str, dev: Path, runs: int) -> dict:
         # The order of the kinds is shuffled every round: the broker idles
         # while the bare service's blocks run, and whatever follows them
         # starts cold; a fixed order charged that to one kind only.
-        block = 50
+        block = BLOCK
         order = list(calls.items())
         shuffle = random.Random(5).shuffle
         for _ in range(0, runs, block):
@@ -204,9 +212,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2000)
     ap.add_argument("--log-level", default="info", choices=["info", "warning"],
                     help="info (the default, as deployed) logs one line per decision")
+    ap.add_argument("--cpu", type=int, metavar="N",
+                    help="run everything (bus, broker, bare service, client) on cpu N only: "
+                         "no cross-cpu wakeups, steadier figures")
     ap.add_argument("--keep-log", metavar="FILE",
                     help="copy the broker's log (its stderr) to FILE at the end")
     args = ap.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})         # inherited by every process started below
     from dbus_fixture import PrivateBus, ensure_front_identity
     ensure_front_identity()
     d = Path(tempfile.mkdtemp(prefix="privbroker-devbench-", dir="/var/tmp"))
@@ -240,7 +253,8 @@ def main() -> None:
             shutil.copy(d / "broker.log", args.keep_log)
         shutil.rmtree(d, ignore_errors=True)
     floor = statistics.median(r["noop"])
-    print(f"{args.runs} round trips each (blocks of 50, shuffled), {os.cpu_count()} cpus, broker log "
+    cpus = f"on cpu {args.cpu} only" if args.cpu is not None else f"{os.cpu_count()} cpus"
+    print(f"{args.runs} round trips each (blocks of {BLOCK}, shuffled), {cpus}, broker log "
           f"level {args.log_level}" + (" (one line per decision, to a file)"
                                        if args.log_level == "info" else " (decisions not logged)"))
     for name in ("noop", "open-hid", "open-usb", "check", "bare", "bare-fd", "bare-open"):
