@@ -277,5 +277,6 @@ def main() -> None:
           f"be (bare-open - bare): {least * 1e6:.1f} us, i.e. x{(floor + least) / floor:.2f} "
           f"of noop at best")
 
+
 if __name__ == "__main__":
     main()
