@@ -179,9 +179,7 @@ class DeviceCore:
                 granted = True
             except Exception:
                 granted = False
-            if len(self._grants) >= GRANT_CACHE:
-                self._grants.clear()
-            self._grants[key] = granted
+            _remember(self._grants, key, granted, GRANT_CACHE)
         return granted
 
     def _authorize(self, caller, ops: tuple[str, ...]) -> None:
@@ -351,10 +349,10 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _remember(cache: dict, key: tuple, value) -> None:
+def _remember(cache: dict, key: tuple, value, limit: int = DECISION_CACHE) -> None:
     """Bounded: a full cache starts over (re-deciding is cheap; a table a
     caller could grow without end is not)."""
-    if len(cache) >= DECISION_CACHE:
+    if len(cache) >= limit:
         cache.clear()
     cache[key] = value
 
