@@ -42,6 +42,7 @@ from .jail.spec import JailSpec, SpecError, validate
 _RECV = wire.MAX_MESSAGE + 1
 SEED_IDLE_S = 0.0002       # idle this long (no event) before a seed is made
 SEED_AFTER_S = 0.05        # ... and no jail launched less than this ago still runs
+JAIL_CGROUP_PREFIX = "privbroker-"          # + the jail id
 SEED_CGROUP_PREFIX = "privbroker-seed-"
 WARM_RELEARN_EVERY = 64    # seeded launches before the pages a launch writes are learnt again
 WARM_MIN_PAGES = 32        # fewer: the jail's init ended before it was read; learn next time
@@ -70,7 +71,7 @@ class _Launcher:
         self.seed: Seed | None = None
         self.seed_spec: JailSpec | None = None      # the last launch's spec
         self.started: dict[str, float] = {}         # live jail id -> when it was launched
-        self.swept = False              # stale seed cgroups removed (before the first seed)
+        self.swept: set[str | None] = set()  # cgroup parents cleared of a killed launcher's
         # The pages a seeded launch writes (jail/warm.py), which seeds copy
         # ahead; learnt from a seeded jail's init right after its launch.
         self.warm_runs: tuple = ()
@@ -120,17 +121,24 @@ class _Launcher:
         return wait
 
     def _make_seed(self) -> None:
-        if not self.swept:
-            self.swept = True
-            for d in remove_stale_seed_cgroups(self.seed_spec.cgroup_parent
-                                               or self.cgroup_parent):
-                _log(f"removed {d}, a seed's cgroup a killed launcher left behind")
+        self._sweep_once(self.seed_spec.cgroup_parent or self.cgroup_parent)
         try:
             self.seed = make_seed(self.seed_spec, f"{SEED_CGROUP_PREFIX}{os.urandom(4).hex()}",
                                   self.cgroup_parent, self.warm_runs)
         except Exception as e:          # a seed is an optimization: never fatal
             _log(f"no seed for the next launch: {type(e).__name__}: {e}")
             self.seed_spec = None           # not again until the next launch
+
+    def _sweep_once(self, parent: str | None) -> None:
+        """Before our first cgroup under `parent`: remove what a launcher
+        killed there left (SIGKILL: its jails and seed died with it, their
+        cgroups stayed).  Only before our first, so nothing of ours is
+        there to be mistaken for it."""
+        if parent in self.swept:
+            return
+        self.swept.add(parent)
+        for d in remove_stale_cgroups(parent):
+            _log(f"removed {d}, a cgroup a killed launcher left behind")
 
     def _take_seed(self, spec: JailSpec) -> Seed | None:
         """The ready seed if this spec can use it; one that cannot (another
@@ -270,13 +278,15 @@ class _Launcher:
             _log(f"refused a launch of profile {msg.get('profile')!r}: {e}")
             return {"ok": False, "error": "refused",
                     "message": f"the launcher refused the spec: {e}"}
+        self._sweep_once(spec.cgroup_parent or self.cgroup_parent)
         seed = self._take_seed(spec)
         fd_map = dict(zip(targets, fds))
         try:
             if seed is not None:
                 watch = self._watch_pages(seed)
                 try:
-                    jail = launch_seeded(seed, spec, fd_map, cgroup_name=f"privbroker-{jail_id}",
+                    jail = launch_seeded(seed, spec, fd_map,
+                                         cgroup_name=f"{JAIL_CGROUP_PREFIX}{jail_id}",
                                          cgroup_parent=self.cgroup_parent)
                 except BaseException:
                     if watch is not None:
@@ -286,7 +296,7 @@ class _Launcher:
                 if watch is not None:
                     self.learn_from = (jail, watch)
             else:
-                jail = launch(spec, fds=fd_map, cgroup_name=f"privbroker-{jail_id}",
+                jail = launch(spec, fds=fd_map, cgroup_name=f"{JAIL_CGROUP_PREFIX}{jail_id}",
                               cgroup_parent=self.cgroup_parent)
         except SpecError as e:
             return {"ok": False, "error": "invalid", "message": str(e)}
@@ -406,13 +416,22 @@ class _Launcher:
         self.retry_cgroups()
 
 
-def remove_stale_seed_cgroups(parent: str | None) -> list[str]:
-    """The seed cgroups under `parent` (None: our own cgroup) that are empty:
-    left by a launcher that was killed (SIGKILL: nothing removed them; a
-    seed dies with its launcher).  A live seed's cgroup is never empty, and
-    rmdir refuses a cgroup with a process in it, so another launcher's seeds
-    are safe; at worst one that another launcher made but has not yet moved
-    its seed into goes, and that launcher then starts its next jail by fork."""
+def _is_ours(name: str) -> bool:
+    """A cgroup name a launcher gives: a seed's, or a jail's (its id)."""
+    return name.startswith(SEED_CGROUP_PREFIX) or (
+        name.startswith(JAIL_CGROUP_PREFIX)
+        and wire.JAIL_ID.fullmatch(name[len(JAIL_CGROUP_PREFIX):]) is not None)
+
+
+def remove_stale_cgroups(parent: str | None) -> list[str]:
+    """The jail and seed cgroups under `parent` (None: our own cgroup) that
+    are empty: left by a launcher that was killed (SIGKILL: nothing removed
+    them; its jails and its seed die with it).  rmdir refuses a cgroup with
+    a process in it, so a live jail or seed of another launcher is safe.
+    What is not: a cgroup another launcher under the same parent has made
+    and not yet moved its jail into (that launch then fails at its
+    'cgroup' step, a seed's is only skipped); privbrokerd is one per
+    machine, and a launcher sweeps a parent once, before its first jail."""
     removed = []
     system = cgroups.System.current()
     for h in system.hierarchies:
@@ -420,7 +439,7 @@ def remove_stale_seed_cgroups(parent: str | None) -> list[str]:
         if top is None:
             continue
         try:
-            names = [n for n in os.listdir(top) if n.startswith(SEED_CGROUP_PREFIX)]
+            names = [n for n in os.listdir(top) if _is_ours(n)]
         except OSError:
             continue
         for name in names:

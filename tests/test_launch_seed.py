@@ -284,41 +284,47 @@ import json, os, subprocess, sys, time
 from broker import launcher
 from broker.jail import cgroups
 system = cgroups.System.current()
-tag = f"{launcher.SEED_CGROUP_PREFIX}pbt{os.getpid()}"
-made = {"stale": [], "live": []}
+names = {"stale": f"{launcher.SEED_CGROUP_PREFIX}pbt{os.getpid()}-stale",
+         "live": f"{launcher.SEED_CGROUP_PREFIX}pbt{os.getpid()}-live",
+         "jail": f"{launcher.JAIL_CGROUP_PREFIX}pbt{os.getpid()}",       # a jail id
+         "other": f"{launcher.JAIL_CGROUP_PREFIX}pbt-{os.getpid()}"}     # no jail id
+made = {kind: [] for kind in names}
 sleeper = subprocess.Popen(["sleep", "30"])
 try:
-    for kind in ("stale", "live"):
+    for kind, name in names.items():
         for h in system.plan(cgroups.Limits()):      # where a seed's cgroup is made
-            d = os.path.join(h.dir_of(h.own), f"{tag}-{kind}")
+            d = os.path.join(h.dir_of(h.own), name)
             os.mkdir(d)
             made[kind].append(d)
     for d in made["live"]:
         with open(os.path.join(d, "cgroup.procs"), "w") as f:
             f.write(str(sleeper.pid))
-    removed = launcher.remove_stale_seed_cgroups(None)
-    out = {"removed_ours": sorted(d for d in removed if tag in d),
-           "stale_left": [d for d in made["stale"] if os.path.exists(d)],
-           "live_left": sorted(d for d in made["live"] if os.path.exists(d)),
-           "stale": sorted(made["stale"]), "live": sorted(made["live"])}
+    removed = launcher.remove_stale_cgroups(None)
+    out = {"removed_ours": sorted(d for d in removed if f"pbt{os.getpid()}" in d
+                                  or f"pbt-{os.getpid()}" in d),
+           "left": {kind: sorted(d for d in made[kind] if os.path.exists(d)) for kind in made},
+           "made": {kind: sorted(made[kind]) for kind in made}}
 finally:
     sleeper.kill()
     sleeper.wait()
     time.sleep(0.1)
-    for d in made["live"] + made["stale"]:
+    for d in sum(made.values(), []):
         if os.path.exists(d):
             os.rmdir(d)
 print(json.dumps(out))
 """
 
 
-def test_stale_seed_cgroups_go_and_a_live_seeds_stays():
-    """What a killed launcher left (an empty privbroker-seed-* cgroup) is
-    removed before the next launcher's first seed; a cgroup with a process
-    in it (another launcher's live seed) is not touched."""
+def test_stale_seed_and_jail_cgroups_go_and_a_live_seeds_and_others_stay():
+    """What a killed launcher left (an empty privbroker-seed-* cgroup, an
+    empty privbroker-JAILID one) is removed; a cgroup with a process in it
+    (another launcher's live seed) and one whose name no launcher gives
+    are not touched."""
     p = subprocess.run([sys.executable, "-c", STALE], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
-    assert r["removed_ours"] == r["stale"] and r["stale_left"] == [], r
-    assert r["live_left"] == r["live"], r
+    made, left = r["made"], r["left"]
+    assert r["removed_ours"] == sorted(made["stale"] + made["jail"]), r
+    assert left["stale"] == left["jail"] == [], r
+    assert left["live"] == made["live"] and left["other"] == made["other"], r

@@ -379,18 +379,28 @@ def test_killing_the_launcher_ends_the_front_and_the_jails(bus, running):
         caller.wait()
 
 
-def _seed_cgroup_dirs(seed: int) -> list[str]:
-    """The directories of the seed's cgroup, from /proc/PID/cgroup and the
-    cgroup mounts (v1: one per hierarchy it joined; v2: none yet)."""
-    paths = [line.split(":", 2) for line in Path(f"/proc/{seed}/cgroup").read_text().splitlines()
-             if "-seed-" in line]
+def _cgroup_dirs(pid: int, part: str) -> list[str]:
+    """The directories of the cgroups of `pid` whose path holds `part`, from
+    /proc/PID/cgroup and the cgroup mounts (v1: one per hierarchy it
+    joined, found by its controllers or name=; v2: the cgroup2 mount)."""
     mounts = {}
     for m in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = m.split()
-        if " - cgroup " in m:
+        if " - cgroup2 " in m:
+            mounts[""] = fields[4]
+        elif " - cgroup " in m:
             for opt in fields[-1].split(","):
                 mounts[opt] = fields[4]
-    return [mounts[c] + path for _, ctl, path in paths for c in ctl.split(",") if c in mounts]
+    dirs = set()
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctls, path = line.split(":", 2)
+        if part in path:
+            dirs.update(mounts[c] + path for c in ctls.split(",") if c in mounts)
+    return sorted(dirs)
+
+
+def _seed_cgroup_dirs(seed: int) -> list[str]:
+    return _cgroup_dirs(seed, "-seed-")
 
 
 def test_a_seed_cgroup_a_killed_launcher_left_goes_with_the_next_launchers_first_seed(
@@ -414,6 +424,35 @@ def test_a_seed_cgroup_a_killed_launcher_left_goes_with_the_next_launchers_first
         _seed_of(again.launcher)                       # its first seed: swept before
         assert not [d for d in left if os.path.exists(d)]
         assert "a killed launcher left behind" in (tmp_path / "broker2.log").read_text()
+    finally:
+        again.stop()
+
+
+def test_a_jail_cgroup_a_killed_launcher_left_goes_with_the_next_launchers_first_launch(
+        bus, deployment, tmp_path, running):
+    marker = f"privsep-cgroup-{time.monotonic_ns()}"
+    caller = _jail_running(bus, marker)
+    try:
+        left = _cgroup_dirs(_jailed(marker, caller)[0], f"/{launcher.JAIL_CGROUP_PREFIX}")
+        left = [d for d in left if launcher.SEED_CGROUP_PREFIX not in d]
+        assert left, "the jail is in no cgroup of its own"
+        os.kill(running.launcher, signal.SIGKILL)          # no cleanup at all
+        running.proc.wait(timeout=5)
+        _wait(lambda: _jailed(marker, caller) == [], "a jail outlived the launcher")
+    finally:
+        caller.kill()
+        caller.wait()
+    assert all(os.path.isdir(d) for d in left)            # what a crash leaves
+    for d in left:                                        # and nothing is in them
+        _wait(lambda: Path(d, "cgroup.procs").read_text() == "", f"{d} is not empty")
+    again = Broker(bus, deployment / "broker.toml", tmp_path / "broker2.log")
+    try:
+        assert all(os.path.isdir(d) for d in left)        # not at start: at the first launch
+        r = client(bus, "run", "minimal", "--", "/bin/true")
+        assert r.returncode == 0, r.stderr
+        assert [d for d in left if os.path.exists(d)] == []
+        log = (tmp_path / "broker2.log").read_text()
+        assert all(f"removed {d}, a cgroup a killed launcher left behind" in log for d in left)
     finally:
         again.stop()
 
