@@ -399,16 +399,12 @@ def _cgroup_dirs(pid: int, part: str) -> list[str]:
     return sorted(dirs)
 
 
-def _seed_cgroup_dirs(seed: int) -> list[str]:
-    return _cgroup_dirs(seed, "-seed-")
-
-
 def test_a_seed_cgroup_a_killed_launcher_left_goes_with_the_next_launchers_first_seed(
         bus, deployment, tmp_path, running):
     r = client(bus, "run", "minimal", "--", "/bin/true")
     assert r.returncode == 0, r.stderr
     seed = _seed_of(running.launcher)
-    left = _seed_cgroup_dirs(seed)
+    left = _cgroup_dirs(seed, "-seed-")
     from broker.jail import cgroups
     if cgroups.System.probe().version != cgroups.V1:
         pytest.skip("on cgroup v2 a seed joins its cgroup only at its launch")
