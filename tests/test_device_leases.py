@@ -3,10 +3,13 @@ nodes in a temporary dev root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import stat
 import struct
+import subprocess
 
 import pytest
 
@@ -81,7 +84,8 @@ def test_one_lease_per_node_and_per_uid_limit(env):
     os.link(dev / "a", dev / "a-hardlink")
     lm = LeaseManager(str(journal), max_per_uid=1)
     lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
-    for who, path in ((":1.2", "a"), (":1.1", "a"), (":1.2", "a-hardlink")):
+    make_node(dev, "a-again", "c", 1, 3, mode=0o660)     # another node of the same device
+    for who, path in ((":1.2", "a"), (":1.1", "a"), (":1.2", "a-hardlink"), (":1.2", "a-again")):
         with pytest.raises(DeviceError) as e:
             lm.take(who, UID + 1, f"{dev}/{path}", node(dev, path), 0o600)
         assert e.value.kind == "Busy"
@@ -213,3 +217,163 @@ def test_the_journal_stays_small(env):
     recs = [json.loads(x) for x in journal.read_text().splitlines()]
     assert len(recs) < 30
     assert [r["id"] for r in leases_mod.pending(recs)] == [held.lease_id]
+
+
+# -- the journal under failure: start-up as root, full disks, torn and garbled lines --
+
+FRONT_UID, FRONT_GID = 4000, 4000
+
+
+def test_a_journal_replayed_at_start_stays_the_fronts(env):
+    """privbrokerd hands the journal to the front's user, then replays it as
+    root, which rewrites it: the new file must still be the front's, or the
+    front refuses every lease after a restart."""
+    dev, journal = env
+    journal.write_text("")                           # an earlier run's (leases came and went)
+    lm = LeaseManager(str(journal))
+    lm.journal.hand_to(FRONT_UID, FRONT_GID)
+    assert lm.replay() == []
+    st = os.stat(journal)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (FRONT_UID, FRONT_GID, 0o600)
+    lease = lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)   # the front's next lease
+    lm.release(":1.1", lease.lease_id)
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert os.stat(journal).st_uid == FRONT_UID
+
+
+def test_a_root_owned_leftover_tmp_does_not_become_the_journal(env):
+    dev, journal = env
+    tmp = journal.parent / (journal.name + ".tmp")
+    tmp.write_text("left by a rewrite that failed\n")   # root's
+    journal.write_text("")
+    lm = LeaseManager(str(journal))
+    lm.journal.hand_to(FRONT_UID, FRONT_GID)
+    lm.replay()
+    assert os.stat(journal).st_uid == FRONT_UID and journal.read_text() == ""
+    assert not tmp.exists()
+
+
+@contextlib.contextmanager
+def small_fs(path, pages: int):
+    """A tmpfs of `pages` pages mounted on path (a real ENOSPC)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4}k,mode=0700", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(d, leave: int = 0):
+    """Fill the file system at d, then free `leave` bytes again."""
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    os.ftruncate(fd, os.fstat(fd).st_size - leave)
+    os.close(fd)
+
+
+def test_a_take_the_disk_cut_short_loses_no_later_lease(env):
+    """ENOSPC part way through a take's record: the take is refused, and the
+    half line must not swallow the next take's record (a lease replay could
+    not read is a node never restored)."""
+    dev, journal = env
+    with small_fs(journal.parent, 2):
+        lm = LeaseManager(str(journal))
+        lm.take(":1.9", UID, f"{dev}/b", node(dev, "b"), 0o600)     # keeps the journal
+        # end records up to a few bytes short of the journal's page, then no
+        # page left: the next take's record is written in part
+        pad = 4096 - 40 - os.stat(journal).st_size
+        lm.journal.append({"op": "end", "id": "p" * (pad - 22)})
+        fill(journal.parent)
+        size = os.stat(journal).st_size
+        with pytest.raises(DeviceError) as e:
+            lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+        assert e.value.kind == "Failed" and "nothing was changed" in str(e.value)
+        assert owner(dev / "a") == (0, 46, 0o660)
+        assert os.stat(journal).st_size == size               # the half record cut off
+        os.unlink(journal.parent / "filler")
+        lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+        lm.journal.close()                                    # the front dies here
+        lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660) and owner(dev / "b") == (0, 0, 0o640)
+    assert sum("restored" in x for x in lines) == 2, lines
+
+
+def test_a_torn_tail_stays_a_line_of_its_own(env):
+    """What a crash (or a cut that failed) left at the end without its
+    newline: the next record goes on a new line."""
+    dev, journal = env
+    journal.write_bytes(b'{"op":"take","id":"torn","ro')
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert len(lines) == 1 and "restored" in lines[0]
+
+
+def test_a_rewrite_the_disk_cannot_hold_keeps_the_old_journal(env):
+    dev, journal = env
+    with small_fs(journal.parent, 4):
+        lm = LeaseManager(str(journal), max_per_uid=100)
+        for i in range(16):                                   # ~5 KiB of takes: two pages
+            make_node(dev, f"n{i}", "c", 1, 20 + i, mode=0o660)
+            lm.take(":1.1", UID, f"{dev}/n{i}", node(dev, f"n{i}"), 0o600)
+        before = journal.read_bytes()
+        assert len(before) > 4096
+        fill(journal.parent, leave=4096)                      # one page free: not enough
+        with pytest.raises(OSError) as e:
+            lm.journal.rewrite(leases_mod.pending(lm.journal.read()))
+        assert e.value.errno == errno.ENOSPC
+        assert journal.read_bytes() == before
+        assert sorted(os.listdir(journal.parent)) == ["filler", journal.name]
+        os.unlink(journal.parent / "filler")
+        lm.journal.close()
+        lines = LeaseManager(str(journal)).replay()
+    assert sum("restored" in x for x in lines) == 16
+    assert all(owner(dev / f"n{i}")[0] == 0 for i in range(16))
+
+
+def test_a_garbled_record_is_skipped_and_the_others_replayed(env, caplog):
+    dev, journal = env
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    good = json.loads(journal.read_text())
+    garbled = [{"op": "end", "id": [1]}, {**good, "id": "r", "root": 7},
+               {**good, "id": "u", "uid": 2**40}, {**good, "id": "m", "mode": -1},
+               {**good, "id": "k", "kind": "p"}, {**good, "id": "x", "acl": "@@"},
+               {**good, "id": "b", "uid": True}, ["not", "a", "record"]]
+    with open(journal, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in garbled)
+    lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert len(lines) == 1 and "restored" in lines[0]
+    assert sum("unreadable" in r.message for r in caplog.records) == len(garbled)
+
+
+def test_a_device_whose_restore_failed_is_not_leased_again_over_it(env, monkeypatch):
+    """A failed restore leaves the first holder's ownership on the node: a
+    second lease must not journal that as the original.  The restore is
+    tried again first; while it fails, the device is Busy."""
+    dev, journal = env
+    lm = LeaseManager(str(journal))
+    real_restore = leases_mod.restore
+
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    first = lm.take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    monkeypatch.setattr(leases_mod, "restore", failing)
+    assert lm.release(":1.1", first.lease_id).restored is False
+    assert owner(dev / "a") == (UID, 46, 0o600)
+    with pytest.raises(DeviceError) as e:
+        lm.take(":1.2", UID + 1, f"{dev}/a", node(dev, "a"), 0o600)
+    assert e.value.kind == "Busy" and str(UID) not in str(e.value)
+    assert owner(dev / "a") == (UID, 46, 0o600)
+    monkeypatch.setattr(leases_mod, "restore", real_restore)
+    second = lm.take(":1.2", UID + 1, f"{dev}/a", node(dev, "a"), 0o600)
+    assert second.orig["uid"] == 0 and second.orig["mode"] == 0o660
+    lm.journal.close()                                        # the front dies here
+    LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660)

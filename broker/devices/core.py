@@ -149,7 +149,9 @@ class DeviceCore:
         if not isinstance(lease_id, str) or not 0 < len(lease_id) <= 64:
             raise DeviceError("InvalidArgument", "not a lease id")
         lease = self.leases.release(caller.name, lease_id)
-        return {"node": lease.path, "done": "restored"}
+        # The lease is over either way; a failed restore is retried (leases.py)
+        return {"node": lease.path, "done": "restored" if lease.restored else
+                "restore FAILED; retried at the device's next lease and at start"}
 
     # -- events --------------------------------------------------------------------------
     def caller_gone(self, name: str) -> None:

@@ -19,14 +19,20 @@ so after a crash every "take" without its "end" names a node that may still
 be changed.  replay() (at start, before the broker is on the bus) finds each
 again beneath its root without following symlinks and restores it if it is
 still the same inode (dev, ino, rdev); a node that is gone or was recreated
-(unplugged, replugged: udev made a fresh one) is left alone.  A torn last
-line is a "take" whose write never completed, so nothing was changed for it.
+(unplugged, replugged: udev made a fresh one) is left alone.  A torn line is
+a "take" whose write never completed, so nothing was changed for it; a
+write that fails part way is cut off again, and a record never follows a
+torn line on the same line.  A record that is not well formed is skipped
+(logged), never the reason the others are not replayed.
 The journal must be private to the broker (owned by its uid, not writable by
 group or others, nor its directory): a forged "take" would make replay hand
 a node to anyone.
 
-One lease per node (by inode): a second ChownDevice gets Busy, whoever holds
-it (the message says nothing about the holder).  A caller (uid) holds at
+One lease per device (by device number: a hard link or a second node of the
+same device is the same device): a second ChownDevice gets Busy, whoever
+holds it (the message says nothing about the holder).  A device whose
+restore failed stays Busy until a retry, at its next ChownDevice or at
+start, puts its original back.  A caller (uid) holds at
 most `max_per_uid` leases.  Note that an fd a holder opened during the lease
 stays usable after it: Linux has no revoke(); the lease decides who may
 *open* the node.
@@ -65,6 +71,7 @@ class Journal:
         self.fd: int | None = None
         self.lines = 0
         self.owner = os.geteuid()       # whose private file it is (hand_to)
+        self.group = -1                 # and its group, once handed over
 
     def _check_private(self, st: os.stat_result, what: str) -> None:
         if st.st_uid != self.owner or st.st_mode & 0o022:
@@ -96,7 +103,7 @@ class Journal:
                 os.fchmod(fd, stat_mod.S_IMODE(st.st_mode) & ~0o077)
             finally:
                 os.close(fd)
-        self.owner = uid
+        self.owner, self.group = uid, gid
 
     def _open(self) -> int:
         if self.fd is None:
@@ -104,7 +111,8 @@ class Journal:
             os.makedirs(d, mode=0o700, exist_ok=True)
             self._check_private(os.stat(d), f"the journal's directory {d}")
             created = not os.path.lexists(self.path)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            # O_RDWR: append() reads the last byte (a torn line before it)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
             try:
                 self._check_private(os.fstat(fd), f"the journal {self.path}")
@@ -117,14 +125,26 @@ class Journal:
         return self.fd
 
     def append(self, record: dict) -> None:
-        """Write one line and fsync it; returns only once it is on disk."""
+        """Write one line and fsync it; returns only once it is on disk.  A
+        write that fails part way is cut off again: the next record must
+        not be glued to half a line, which replay could not read (and a
+        lease's take unread is a node never restored)."""
         fd = self._open()
-        data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
+        data = _line(record)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
+            # what the cut could not remove (or a crash mid-write left):
+            # the torn line stays a line of its own
+            data = b"\n" + data
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise
         self.lines += 1
 
     def read(self) -> list[dict]:
@@ -147,7 +167,7 @@ class Journal:
                 continue
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or rec.get("op") not in ("take", "end"):
+                if not _well_formed(rec):
                     raise ValueError("not a journal record")
                 out.append(rec)
             except ValueError:
@@ -157,19 +177,28 @@ class Journal:
 
     def rewrite(self, keep: list[dict]) -> None:
         """Replace the journal by exactly `keep`, atomically (tmp, fsync,
-        rename, fsync dir)."""
+        rename, fsync dir).  The new file is the journal owner's: replay
+        rewrites it as root at start, and a root-owned journal would make
+        the front refuse every later lease (_check_private)."""
         d = os.path.dirname(self.path) or "."
         os.makedirs(d, mode=0o700, exist_ok=True)
         tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        try:
+            os.unlink(tmp)                  # a failed rewrite's, perhaps not the owner's
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            for rec in keep:
-                os.write(fd, json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
-                         + b"\n")
+            if os.geteuid() != self.owner:
+                os.fchown(fd, self.owner, self.group)
+            _write_all(fd, b"".join(_line(rec) for rec in keep))
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
         os.rename(tmp, self.path)
         _fsync_dir(d)
         self.close()
@@ -179,6 +208,48 @@ class Journal:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _line(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# What replay trusts a record to hold.  The journal is private, but a
+# record a bug or a disk garbled must be skipped, not stop the replay of
+# the others (or the broker's start) with a TypeError.
+_ID_MAX = 2**32 - 2                  # uid_t/gid_t; -1 means "unchanged" to chown
+
+
+def _int(value, low: int = 0, high: int = 2**64 - 1) -> bool:
+    return value.__class__ is int and low <= value <= high
+
+
+def _well_formed(rec) -> bool:
+    if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+        return False
+    if rec.get("op") == "end":
+        return True
+    if rec.get("op") != "take":
+        return False
+    if not (isinstance(rec.get("root"), str) and rec["root"].startswith("/")
+            and isinstance(rec.get("rel"), str) and rec.get("kind") in ("c", "b")
+            and all(_int(rec.get(k)) for k in ("dev", "ino", "rdev"))
+            and all(_int(rec.get(k), 0, _ID_MAX) for k in ("uid", "gid"))
+            and _int(rec.get("mode"), 0, 0o7777)):
+        return False
+    if rec.get("acl") is None:
+        return True
+    try:
+        base64.b64decode(rec["acl"], validate=True)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _fsync_dir(d: str) -> None:
@@ -193,10 +264,10 @@ def pending(records: list[dict]) -> list[dict]:
     """The takes without an end, in journal order."""
     open_: dict[str, dict] = {}
     for rec in records:
-        if rec["op"] == "take" and isinstance(rec.get("id"), str):
+        if rec["op"] == "take":
             open_[rec["id"]] = rec
-        elif rec["op"] == "end":
-            open_.pop(rec.get("id"), None)
+        else:
+            open_.pop(rec["id"], None)
     return list(open_.values())
 
 
@@ -239,10 +310,18 @@ class Lease:
     orig: dict                       # the journal's "take" record
     started: float = field(default_factory=time.time)
     timer: asyncio.TimerHandle | None = None
+    restored: bool | None = None     # once ended: was the original put back
 
     @property
-    def key(self) -> tuple[int, int]:
-        return self.node.st.st_dev, self.node.st.st_ino
+    def key(self) -> tuple[str, int]:
+        return _device(self.node.kind, self.node.st.st_rdev)
+
+
+def _device(kind: str, rdev: int) -> tuple[str, int]:
+    """What one lease at a time is about: the device, not the node's inode.
+    Two nodes of one device (a hard link, or a second mknod of its number)
+    open the same device, so a lease on one makes the other Busy."""
+    return kind, rdev
 
 
 class LeaseManager:
@@ -251,18 +330,25 @@ class LeaseManager:
         self.timeout_s = timeout_s
         self.max_per_uid = max_per_uid
         self.by_id: dict[str, Lease] = {}
-        self.by_node: dict[tuple[int, int], str] = {}
-        self.stale: dict[str, dict] = {}     # takes whose restore failed: retried at start
+        self.by_node: dict[tuple[str, int], str] = {}   # _device -> lease id
+        # takes whose restore failed: retried at the device's next take and
+        # at start; until one succeeds the device is not leased again (its
+        # "original" would be the old holder's ownership)
+        self.stale: dict[str, dict] = {}
 
     # -- taking -------------------------------------------------------------------
     def take(self, owner: str, uid: int, path: str, node: safe_open.Node, mode: int) -> Lease:
         """Journal the original, then chown/chmod through the fd.  The node
         (and its fd) belongs to the lease from here on, also on failure."""
-        key = (node.st.st_dev, node.st.st_ino)
+        key = _device(node.kind, node.st.st_rdev)
         if key in self.by_node:
             node.close()
             raise DeviceError("Busy", f"{path!r} is already leased; try again once it is "
                                       f"released")
+        if not self._restore_stale(key, node):
+            node.close()
+            raise DeviceError("Busy", f"{path!r} is still changed by an earlier lease the "
+                                      f"broker could not undo; try again later")
         if sum(1 for lease in self.by_id.values() if lease.uid == uid) >= self.max_per_uid:
             node.close()
             raise DeviceError("LimitExceeded", f"uid {uid} already holds {self.max_per_uid} "
@@ -329,9 +415,31 @@ class LeaseManager:
         if lease.timer is not None:
             lease.timer.cancel()
             lease.timer = None
-        ok = self._undo(lease.lease_id, lease.node, lease.orig, why, path=lease.path,
-                        uid=lease.uid)
-        return ok
+        lease.restored = self._undo(lease.lease_id, lease.node, lease.orig, why,
+                                    path=lease.path, uid=lease.uid)
+        return lease.restored
+
+    def _restore_stale(self, key: tuple[str, int], node: safe_open.Node) -> bool:
+        """Before a device is leased again: put back what a failed restore
+        left on this very node.  False if that fails again.  A stale take
+        about another inode of the device (since replaced) is left to
+        replay, which restores only the inode it names."""
+        st = node.st
+        for lease_id, rec in list(self.stale.items()):
+            if _device(rec["kind"], rec["rdev"]) != key or \
+                    (rec["dev"], rec["ino"]) != (st.st_dev, st.st_ino):
+                continue
+            try:
+                restore(node.fd, rec["uid"], rec["gid"], rec["mode"], _acl(rec))
+            except OSError as e:
+                log.error("device lease %s: restoring uid=%d gid=%d mode=%04o failed again "
+                          "(%s)", lease_id, rec["uid"], rec["gid"], rec["mode"], e.strerror)
+                return False
+            del self.stale[lease_id]
+            log.info("device lease %s: restored uid=%d gid=%d mode=%04o (at last)",
+                     lease_id, rec["uid"], rec["gid"], rec["mode"])
+            self._journal_end(lease_id)
+        return True
 
     def _undo(self, lease_id: str, node: safe_open.Node, rec: dict, why: str,
               path: str | None = None, uid: int | None = None) -> bool:
@@ -376,7 +484,11 @@ class LeaseManager:
             return []
         lines, keep = [], []
         for rec in pending(records):
-            line, retry = self._replay_one(rec, use_openat2)
+            try:
+                line, retry = self._replay_one(rec, use_openat2)
+            except Exception as e:     # a bug here must not leave the other nodes changed
+                line, retry = (f"device lease {rec['id']}: replay failed ({e!r}); kept for "
+                               f"the next start"), True
             if retry:
                 log.warning("%s", line)
             else:
@@ -393,13 +505,10 @@ class LeaseManager:
         return lines
 
     def _replay_one(self, rec: dict, use_openat2: bool) -> tuple[str, bool]:
-        try:
-            lease_id, root, rel = rec["id"], rec["root"], rec["rel"]
-            want = (int(rec["dev"]), int(rec["ino"]), int(rec["rdev"]))
-            uid, gid, mode = int(rec["uid"]), int(rec["gid"]), int(rec["mode"])
-            acl = _acl(rec)
-        except (KeyError, TypeError, ValueError):
-            return f"device lease journal: malformed take record {rec!r}; skipped", False
+        # (Journal.read kept only well-formed records)
+        lease_id, root, rel = rec["id"], rec["root"], rec["rel"]
+        want = rec["dev"], rec["ino"], rec["rdev"]
+        uid, gid, mode, acl = rec["uid"], rec["gid"], rec["mode"], _acl(rec)
         path = f"{root.rstrip('/')}/{rel}"
         head = f"device lease {lease_id} on {path!r} (left by a previous run)"
         try:
