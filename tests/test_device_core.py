@@ -452,3 +452,39 @@ def test_only_drivers_whose_open_may_wait_are_opened_nonblocking(tmp_path, monke
             os.close(fd)
         assert seen == [may_wait, may_wait], (which, seen)
         seen.clear()
+
+
+def test_a_caller_learns_nothing_about_a_directory_it_cannot_search(tmp_path):
+    """The front looks paths up with CAP_DAC_OVERRIDE; a caller must not
+    learn from its refusals what another user's private directory holds."""
+    c = core(tmp_path)
+    make(tmp_path, "hidraw1")                             # a keyboard: denied by a rule
+    private = tmp_path / "dev" / "shm" / "someone"
+    private.mkdir(parents=True)
+    os.chmod(private.parent, 0o1777)
+    (private / "secret-name").write_text("")
+    os.mkfifo(private / "a-fifo")
+    os.link(tmp_path / "dev" / "hidraw1", private / "kbd")
+    (private / "sub").mkdir()
+    os.chmod(private, 0o700)
+    os.chown(private, 4322, 4322)
+    paths = [f"{private}/{name}" for name in ("secret-name", "a-fifo", "kbd", "nothing",
+                                              "sub/deeper", "secret-name/x")]
+
+    def refusal(who, path):
+        with pytest.raises(DeviceError) as e:
+            c.open_path(who, path)
+        return e.value
+
+    for path in paths:
+        e = refusal(Caller(uid=4321), path)               # not its directory
+        assert (e.kind, str(e)) == ("NotFound", f"{path!r}: no such device node"), path
+        assert e.info["hidden"]                           # the log line keeps the truth
+    # its owner, who may search it, hears what the refusal was about
+    assert "is a regular file" in str(refusal(Caller(uid=4322), paths[0]))
+    assert "is a FIFO" in str(refusal(Caller(uid=4322), paths[1]))
+    assert "deny_unsafe_hidraw" in str(refusal(Caller(uid=4322), paths[2]))
+    assert "hidden" not in refusal(Caller(uid=4322), paths[3]).info
+    # and so does anyone, where the directories on the way are searchable
+    os.chmod(private, 0o711)
+    assert "is a FIFO" in str(refusal(Caller(uid=4321), paths[1]))

@@ -114,7 +114,7 @@ class DeviceCore:
     def open_path(self, caller, path: str) -> tuple[int, dict]:
         """An fd on the node, opened by the broker (the caller's to keep)."""
         self._authorize(caller, ("open",))
-        node, decision = self._decide_or_refuse(path)
+        node, decision = self._decide_or_refuse_for(caller, path)
         try:
             fd, how = self._open(node, decision, path)
         except DeviceError as e:
@@ -127,7 +127,7 @@ class DeviceCore:
     def chown_device(self, caller, path: str) -> tuple[str, dict]:
         """Give the node to the caller's uid for a lease; returns the lease id."""
         self._authorize(caller, ("chown",))
-        node, decision = self._decide_or_refuse(path)
+        node, decision = self._decide_or_refuse_for(caller, path)
         if decision.verdict in (LOCKDOWN, DETACH):
             node.close()
             e = denied(f"{path!r}: allowed only {decision.verdict.value} (rule "
@@ -291,6 +291,33 @@ class DeviceCore:
             e.info = _decided(decision)
             raise e
         return node, decision
+
+    def _decide_or_refuse_for(self, caller, path: str):
+        """_decide_or_refuse, but a caller learns why a path was refused only
+        as far as it could have looked the path up itself.  The front
+        resolves with CAP_DAC_OVERRIDE: "is a regular file", "is a FIFO",
+        "no such device node" would otherwise tell anyone with an open
+        grant which names exist, and what they are, in a directory it may
+        not search (another user's 0700 directory in /dev/shm).  Its answer
+        is then NotFound; the log line keeps the truth ("hidden")."""
+        try:
+            return self._decide_or_refuse(path)
+        except DeviceError as e:
+            if self._caller_may_search(caller, path):
+                raise
+            hidden = DeviceError("NotFound", f"{path!r}: no such device node")
+            hidden.info = {**e.info, "hidden": f"{e.kind}: {e}"}
+            raise hidden from None
+
+    def _caller_may_search(self, caller, path: str) -> bool:
+        try:
+            rel = safe_open.check_path(self.config.dev_root, path)
+        except DeviceError:
+            return True         # refused for the string alone: nothing was looked up
+        root_fd = self._dev_root_fd()
+        if caller.uid == 0 or root_fd < 0:
+            return True
+        return safe_open.searchable_by(root_fd, rel, caller.uid, caller.gids)
 
     def _open(self, node, decision, path: str) -> tuple[int, str]:
         try:

@@ -3,6 +3,7 @@ no symlinks, no "..", and only character or block devices.
 
   check_path(root, path)  lexical checks: absolute, canonical, beneath root
   open_node(root, path)   an O_PATH fd on the node, and its fstat
+  searchable_by(...)      could a caller have looked the path up itself
   reopen(fd, flags)       a real open of *that* inode via /proc/self/fd/N
                           (open_own_fd_dir: that directory, held)
   fd_path(fd)             "/proc/self/fd/N", for chown/chmod/xattrs through the
@@ -158,6 +159,38 @@ def open_node(root: str, path: str, use_openat2: bool = True, root_fd: int = -1)
         os.close(fd)
         raise denied(f"{path!r} is {_kind_name(st.st_mode)}, not a device node")
     return Node(fd, st, root, rel)
+
+
+def searchable_by(root_fd: int, rel: str, uid: int, gids) -> bool:
+    """Could `uid` (in `gids`) look `rel` up beneath root_fd itself: may it
+    search the root and every directory on the way, as far as the path
+    goes?  By the owner, group and other x bits; ACLs are not read, so one
+    that would let it search counts as no."""
+    fd = os.dup(root_fd)
+    try:
+        for part in rel.split("/"):
+            st = os.fstat(fd)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                return True     # the lookup ends here, in a directory it could search
+            if not _may_search(st, uid, gids):
+                return False
+            try:
+                nxt = os.open(part, O_PATH_FLAGS, dir_fd=fd)
+            except OSError:
+                return True     # not there: its own lookup would fail here too
+            os.close(fd)
+            fd = nxt
+        return True
+    finally:
+        os.close(fd)
+
+
+def _may_search(st: os.stat_result, uid: int, gids) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & 0o100)
+    if st.st_gid in gids:
+        return bool(st.st_mode & 0o010)
+    return bool(st.st_mode & 0o001)
 
 
 def fd_path(fd: int) -> str:
