@@ -377,3 +377,49 @@ def test_a_device_whose_restore_failed_is_not_leased_again_over_it(env, monkeypa
     lm.journal.close()                                        # the front dies here
     LeaseManager(str(journal)).replay()
     assert owner(dev / "a") == (0, 46, 0o660)
+
+
+# -- replay and where the node is now ------------------------------------------------
+
+def test_replay_finds_a_node_moved_beneath_the_root(env):
+    dev, journal = env
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    (dev / "sub").mkdir()
+    os.rename(dev / "a", dev / "sub" / "a-renamed")
+    make_node(dev, "a-lookalike", "c", 1, 3, mode=0o666)   # same device, another inode
+    lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "sub" / "a-renamed") == (0, 46, 0o660)
+    assert owner(dev / "a-lookalike") == (0, 0, 0o666)
+    assert len(lines) == 1 and "moved to 'sub/a-renamed'" in lines[0] and "restored" in lines[0]
+
+
+def _recorded_in_another_boot(journal):
+    rec = json.loads(journal.read_text())
+    assert rec["boot"] == open(leases_mod.BOOT_ID).read().strip()
+    journal.write_text(json.dumps({**rec, "boot": "an-earlier-boot"}) + "\n")
+
+
+def test_a_take_from_an_earlier_boot_leaves_a_devtmpfs_node_alone(env, tmp_path):
+    """After a power cut during a lease: the dev root (tmpfs, as devtmpfs
+    is) was made afresh by this boot, and a node with the same numbers has
+    this boot's owner and mode, which the old record must not overwrite."""
+    _dev, journal = env
+    dev = tmp_path / "volatile-dev"
+    dev.mkdir()
+    with small_fs(dev, 1):
+        make_node(dev, "a", "c", 1, 3, mode=0o660, gid=46)
+        LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+        _recorded_in_another_boot(journal)
+        lines = LeaseManager(str(journal)).replay()
+        assert owner(dev / "a") == (UID, 46, 0o600)           # as "this boot" left it
+    assert len(lines) == 1 and "before the last reboot" in lines[0], lines
+    assert journal.read_text() == ""
+
+
+def test_a_take_from_an_earlier_boot_is_replayed_on_a_lasting_file_system(env):
+    dev, journal = env                                    # tmp_path: not tmpfs
+    LeaseManager(str(journal)).take(":1.1", UID, f"{dev}/a", node(dev, "a"), 0o600)
+    _recorded_in_another_boot(journal)
+    lines = LeaseManager(str(journal)).replay()
+    assert owner(dev / "a") == (0, 46, 0o660)
+    assert len(lines) == 1 and "restored" in lines[0]

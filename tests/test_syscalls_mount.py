@@ -134,3 +134,21 @@ def test_errors_are_oserrors_with_errno_and_call():
     with pytest.raises(OSError) as e:
         sc.mount_setattr(9999, "", sc.AT_EMPTY_PATH, attr_set=sc.MOUNT_ATTR_NOEXEC)
     assert e.value.errno == errno.EBADF and "mount_setattr" in str(e.value)
+
+
+def test_fs_type_names_the_file_system_an_fd_is_on(tmp):
+    """fstatfs' f_type (device lease replay asks whether /dev outlives a boot)."""
+    for path, magic in (("/proc", 0x9FA0), ("/dev/shm", sc.TMPFS_MAGIC)):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)       # an O_PATH fd will do
+        try:
+            assert sc.fs_type(fd) == magic, path
+        finally:
+            os.close(fd)
+    fd = os.open(tmp, os.O_PATH | os.O_CLOEXEC)
+    try:
+        assert sc.fs_type(fd) not in (sc.TMPFS_MAGIC, sc.RAMFS_MAGIC, 0x9FA0)   # /var/tmp
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e:
+        sc.fs_type(fd)                                     # closed
+    assert e.value.errno == errno.EBADF

@@ -12,14 +12,16 @@ The journal (one JSON object per line, append-only) records the original
 
   {"op": "take", "id": ..., "root": ..., "rel": ..., "dev": st_dev, "ino": ...,
    "rdev": ..., "kind": "c", "uid": ..., "gid": ..., "mode": ..., "acl": b64|null,
-   "to_uid": ..., "to_mode": ..., "t": ...}
+   "to_uid": ..., "to_mode": ..., "t": ..., "boot": boot id|null}
   {"op": "end", "id": ...}                  once the original is back
 
 so after a crash every "take" without its "end" names a node that may still
 be changed.  replay() (at start, before the broker is on the bus) finds each
 again beneath its root without following symlinks and restores it if it is
-still the same inode (dev, ino, rdev); a node that is gone or was recreated
-(unplugged, replugged: udev made a fresh one) is left alone.  A torn line is
+still the same inode (dev, ino, rdev), also when it was moved (renamed)
+beneath its root; a node that is gone or was recreated (unplugged,
+replugged: udev made a fresh one) is left alone, and so is one on devtmpfs
+when the take was recorded in an earlier boot.  A torn line is
 a "take" whose write never completed, so nothing was changed for it; a
 write that fails part way is cut off again, and a record never follows a
 torn line on the same line.  A record that is not well formed is skipped
@@ -50,6 +52,7 @@ import stat as stat_mod
 import time
 from dataclasses import dataclass, field
 
+from ..jail import syscalls
 from . import safe_open
 from .errors import DeviceError
 
@@ -57,6 +60,13 @@ log = logging.getLogger("privbrokerd")
 
 ACL_XATTR = "system.posix_acl_access"
 COMPACT_AFTER = 256          # journal lines before it is rewritten with pending takes only
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+# File systems whose nodes do not outlive a boot (devtmpfs is tmpfs, or ramfs
+# without CONFIG_TMPFS): a take recorded in an earlier boot changed a node
+# that is gone, and the one there now (inode numbers repeat from boot to
+# boot) got its owner and mode from this boot's udev, not from us.
+FORGETS_AT_BOOT = frozenset({syscalls.TMPFS_MAGIC, syscalls.RAMFS_MAGIC})
+MOVED_SEARCH_LIMIT = 100_000   # entries looked at for nodes moved under the dev root
 
 
 class JournalError(Exception):
@@ -243,6 +253,8 @@ def _well_formed(rec) -> bool:
             and all(_int(rec.get(k), 0, _ID_MAX) for k in ("uid", "gid"))
             and _int(rec.get("mode"), 0, 0o7777)):
         return False
+    if not isinstance(rec.get("boot"), (str, type(None))):
+        return False
     if rec.get("acl") is None:
         return True
     try:
@@ -335,6 +347,8 @@ class LeaseManager:
         # at start; until one succeeds the device is not leased again (its
         # "original" would be the old holder's ownership)
         self.stale: dict[str, dict] = {}
+        self.boot = _boot_id()
+        self._nodes_beneath: dict[str, dict] = {}   # replay: root -> _device_nodes(root)
 
     # -- taking -------------------------------------------------------------------
     def take(self, owner: str, uid: int, path: str, node: safe_open.Node, mode: int) -> Lease:
@@ -364,7 +378,7 @@ class LeaseManager:
                "dev": st.st_dev, "ino": st.st_ino, "rdev": st.st_rdev, "kind": node.kind,
                "uid": st.st_uid, "gid": st.st_gid, "mode": stat_mod.S_IMODE(st.st_mode),
                "acl": None if acl is None else base64.b64encode(acl).decode(),
-               "to_uid": uid, "to_mode": mode, "t": round(time.time(), 3)}
+               "to_uid": uid, "to_mode": mode, "t": round(time.time(), 3), "boot": self.boot}
         try:
             self.journal.append(rec)
         except (OSError, JournalError) as e:
@@ -483,6 +497,7 @@ class LeaseManager:
             log.error("device lease journal %s: %s; nothing replayed", self.journal.path, e)
             return []
         lines, keep = [], []
+        self._nodes_beneath = {}
         for rec in pending(records):
             try:
                 line, retry = self._replay_one(rec, use_openat2)
@@ -512,13 +527,24 @@ class LeaseManager:
         path = f"{root.rstrip('/')}/{rel}"
         head = f"device lease {lease_id} on {path!r} (left by a previous run)"
         try:
-            fd = safe_open.open_beneath(root, rel, use_openat2)
+            try:
+                fd = safe_open.open_beneath(root, rel, use_openat2)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    raise
+                moved = self._moved(root, want)
+                if moved is None:
+                    return f"{head}: the node is gone; nothing to restore", False
+                head += f", moved to {moved!r}"
+                fd = safe_open.open_beneath(root, moved, use_openat2)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                return f"{head}: the node is gone; nothing to restore", False
             return f"{head}: cannot reach the node ({e.strerror}); kept for the next start", \
                 e.errno not in (errno.ELOOP, errno.EXDEV)
         try:
+            if rec.get("boot") not in (None, self.boot) and self.boot is not None \
+                    and syscalls.fs_type(fd) in FORGETS_AT_BOOT:
+                return (f"{head}: recorded before the last reboot, and the node it changed "
+                        f"did not outlive it; left alone"), False
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino, st.st_rdev) != want or not (
                     stat_mod.S_ISCHR(st.st_mode) or stat_mod.S_ISBLK(st.st_mode)):
@@ -532,10 +558,46 @@ class LeaseManager:
         finally:
             os.close(fd)
 
+    def _moved(self, root: str, want: tuple[int, int, int]) -> str | None:
+        """Where beneath root the node (dev, ino, rdev) is now, if it was
+        renamed: the root is walked once per replay, and only when a node is
+        missing.  (The caller re-opens the name found and checks it again.)"""
+        if root not in self._nodes_beneath:
+            self._nodes_beneath[root] = _device_nodes(root)
+        return self._nodes_beneath[root].get(want)
+
     def close_all(self, why: str = "the broker is stopping") -> None:
         for lease in list(self.by_id.values()):
             self.end(lease, why)
         self.journal.close()
+
+
+def _boot_id() -> str | None:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _device_nodes(root: str) -> dict[tuple[int, int, int], str]:
+    """(dev, ino, rdev) -> name below root, of the device nodes beneath root
+    (no symlink followed; at most MOVED_SEARCH_LIMIT entries looked at)."""
+    found: dict[tuple[int, int, int], str] = {}
+    seen = 0
+    for dirpath, _dirs, names in os.walk(root, onerror=lambda e: None):
+        for name in names:
+            seen += 1
+            if seen > MOVED_SEARCH_LIMIT:
+                return found
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat_mod.S_ISCHR(st.st_mode) or stat_mod.S_ISBLK(st.st_mode):
+                rel = os.path.relpath(os.path.join(dirpath, name), root)
+                found.setdefault((st.st_dev, st.st_ino, st.st_rdev), rel)
+    return found
 
 
 def _acl(rec: dict) -> bytes | None:

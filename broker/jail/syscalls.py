@@ -218,6 +218,21 @@ def session_keyring_id() -> int:
                   "keyctl(KEYCTL_GET_KEYRING_ID)")
 
 
+# -- fstatfs(2): which file system an fd is on ----------------------------------
+# os.statvfs has no f_type.  struct statfs is 120 bytes on x86_64; f_type (a
+# long) is its first field.
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+_libc.fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+
+
+def fs_type(fd: int) -> int:
+    """f_type of the file system `fd` (an O_PATH fd will do) is on."""
+    buf = ctypes.create_string_buffer(120)
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value
+
+
 # -- openat2(2) ----------------------------------------------------------------
 # (linux/openat2.h) how path resolution may go; x86_64 syscall 437, Linux 5.6+.
 SYS_openat2 = 437
