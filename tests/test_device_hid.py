@@ -1,4 +1,5 @@
-"""HID report descriptors: the top-level usages the hidraw rule judges."""
+"""HID report descriptors: the collection usages the hidraw rule judges, read
+as the kernel (drivers/hid/hid-core.c) reads them."""
 import pytest
 
 from broker.devices import hid
@@ -13,26 +14,75 @@ MOUSE = bytes.fromhex("05010902A1010901A1000509190129031500250195037501810295017
 
 
 def test_real_descriptors():
-    assert hid.toplevel_usages(FIDO) == [Usage(0xF1D0, 0x01)]
-    assert hid.toplevel_usages(BOOT_KEYBOARD) == [Usage(0x01, 0x06)]
-    # the inner Pointer collection of a mouse is not top level
-    assert hid.toplevel_usages(MOUSE) == [Usage(0x01, 0x02)]
+    assert hid.collection_usages(FIDO) == [Usage(0xF1D0, 0x01)]
+    assert hid.collection_usages(BOOT_KEYBOARD) == [Usage(0x01, 0x06)]
+    # a mouse's Pointer collection is a Physical one inside its application
+    assert hid.collection_usages(MOUSE) == [Usage(0x01, 0x02)]
 
 
 def test_several_top_level_collections_and_a_32_bit_usage():
     desc = bytes.fromhex("05010906A101C0" "0B01000C00A101C0")   # keyboard; usage 0x000C:0x0001
-    assert hid.toplevel_usages(desc) == [Usage(1, 6), Usage(0x0C, 0x01)]
+    assert hid.collection_usages(desc) == [Usage(1, 6), Usage(0x0C, 0x01)]
 
 
 def test_push_pop_and_long_items_are_followed():
     desc = bytes.fromhex("050CA4050DB40901A101C0" "FE0201AABB" "05010902A101C0")
-    assert hid.toplevel_usages(desc) == [Usage(0x0C, 1), Usage(1, 2)]
+    assert hid.collection_usages(desc) == [Usage(0x0C, 1), Usage(1, 2)]
+
+
+@pytest.mark.parametrize("hexdesc,usage", [
+    # a 4-byte Usage Page: a short Usage takes only its low 16 bits
+    ("0701000100" "0906A101C0", Usage(1, 6)),
+    # a 4-byte (extended) Usage has its own page, whatever the Usage Page
+    ("050C" "0B06000100" "A101C0", Usage(1, 6)),
+    ("0501" "0B06000000" "A101C0", Usage(0, 6)),
+    # the Usage Page in force at the Collection goes into the usages again...
+    ("050D0906" "0501A101C0", Usage(1, 6)),
+    # ...unless one of them is on it already: then the first keeps its page
+    ("05010906" "050C0901A101C0", Usage(1, 6)),
+    # Usage Minimum..Maximum: the range's first usage (extended if the
+    # Maximum has 4 bytes); a Usage before the range comes first
+    ("05011906" "2906A101C0", Usage(1, 6)),
+    ("05011906" "2907A101C0", Usage(1, 6)),
+    ("050C" "1B06000100" "2B07000100" "A101C0", Usage(1, 6)),
+    ("050C0901" "19062907A101C0", Usage(0x0C, 1)),
+    ("A101C0", Usage(0, 0)),                         # no usage at all
+    # what comes before another main item is gone at the Collection
+    ("05011906" "8100" "0906A101C0", Usage(1, 6)),
+])
+def test_a_collection_usage_is_the_kernels(hexdesc, usage):
+    assert hid.collection_usages(bytes.fromhex(hexdesc)) == [usage]
+
+
+def test_application_collections_at_every_depth_count():
+    # a keyboard application inside a vendor one (through a Physical
+    # collection): hid-input makes a keyboard of it
+    nested = bytes.fromhex("0600FF0901A101" "0501A1000906A101C0C0" "C0")
+    assert hid.collection_usages(nested) == [Usage(0xFF00, 1), Usage(1, 6)]
+    # a gamepad's axes in a Pointer Physical collection, and a Logical one:
+    # parts of the gamepad application, which is no mouse
+    gamepad = bytes.fromhex("05010905A101" "0901A100093009311581257F750895028102C0"
+                            "0901A102C0" "C0")
+    assert hid.collection_usages(gamepad) == [Usage(1, 5)]
+    assert not any(hid.unsafe_reason(u) for u in hid.collection_usages(gamepad))
+
+
+@pytest.mark.parametrize("hexdesc", [
+    "05011906A101C0",                # Usage Minimum, no Maximum (the kernel: no usage)
+    "05012906A101C0",                # Usage Maximum, no Minimum (the kernel: from 0)
+    "050119082906A101C0",            # reversed range (the kernel: clamps, from 8)
+    "050119002AFF7FA101C0",          # more usages than the kernel takes (0..0x7FFF)
+    "0600FFA9010901A900A101C0",      # Delimiter (the kernel keeps the first set)
+])
+def test_what_is_not_worked_out_is_unknown_and_unsafe(hexdesc):
+    assert hid.collection_usages(bytes.fromhex(hexdesc)) == [hid.UNKNOWN]
+    assert hid.unsafe_reason(hid.UNKNOWN) == "usage unknown"
 
 
 @pytest.mark.parametrize("hexdesc", ["0501260", "C0", "B4", "FE05", "A100" * 70])
 def test_malformed_descriptors_raise(hexdesc):
     with pytest.raises(ValueError):
-        hid.toplevel_usages(bytes.fromhex(hexdesc + ("0" if len(hexdesc) % 2 else "")))
+        hid.collection_usages(bytes.fromhex(hexdesc + ("0" if len(hexdesc) % 2 else "")))
 
 
 @pytest.mark.parametrize("usage,reason", [
@@ -43,6 +93,10 @@ def test_malformed_descriptors_raise(hexdesc):
     (Usage(0x01, 0xB6), "system control"), (Usage(0x01, 0x04), None),     # joystick
     (Usage(0x01, 0x05), None), (Usage(0x0C, 0x01), None), (Usage(0xF1D0, 0x01), None),
     (Usage(0x01, 0x90), None),
+    (Usage(0x0D, 0x01), "pointer"), (Usage(0x0D, 0x02), "pointer"),     # digitizer, pen
+    (Usage(0x0D, 0x04), "pointer"), (Usage(0x0D, 0x05), "pointer"),     # touch screen, pad
+    (Usage(0x0D, 0x0D), "pointer"), (Usage(0x0D, 0x0F), "pointer"),
+    (Usage(0x0D, 0x00), None), (Usage(0x0D, 0x22), None),               # finger (in a pad)
 ])
 def test_what_is_unsafe(usage, reason):
     assert hid.unsafe_reason(usage) == reason

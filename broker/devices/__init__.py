@@ -1,7 +1,7 @@
 """Device access brokering (OpenPath, CheckPathAccess, ChownDevice leases).
 
   record.py     a device's udev record, read from sysfs and udev's database
-  hid.py        HID report descriptors: top-level usages
+  hid.py        HID report descriptors: the usages of their applications
   rules/        one small class per rule; the chain's verdicts
   chain.py      how the rules' answers combine into one decision
   safe_open.py  reaching a node beneath the dev root without symlinks

@@ -1,13 +1,39 @@
-"""HID report descriptors: the usages of the top-level collections.
+"""HID report descriptors: the usages of the collections that make input
+devices, as the kernel reads them.
 
 A hidraw node speaks for a HID device whose report descriptor (sysfs
 attribute `report_descriptor` of its `hid` parent) says what it is: each
-top-level Collection item carries the (usage page, usage) of one function,
-e.g. (0x01, 0x06) Generic Desktop / Keyboard or (0xF1D0, 0x01) FIDO
-authenticator.  Only what is needed for that is parsed: short items,
-Usage Page (global, with Push/Pop), Usage (local, cleared after every main
-item), Collection / End Collection; long items are skipped.  A malformed
-descriptor raises ValueError: callers must treat it as unknown, never as safe.
+Collection item carries the (usage page, usage) of one function, e.g.
+(0x01, 0x06) Generic Desktop / Keyboard or (0xF1D0, 0x01) FIDO
+authenticator.  The kernel's hid-input makes its input devices per
+Application collection, at any depth (a report's application is the
+innermost Application collection around it), so a keyboard Application
+nested in a vendor collection is a keyboard: every top-level collection and
+every Application collection is returned.  Physical and Logical collections
+inside an application are not: a gamepad's axes sit in a Pointer Physical
+collection, and the gamepad is no mouse.
+
+The usage is worked out as drivers/hid/hid-core.c does, because a reading
+that differs from the kernel's lets a keyboard pass as something else:
+
+  - Usage items (local) collect in a list until the next main item, which
+    clears it; a Collection takes the list's first usage, 0:0 if it is empty.
+  - A 1- or 2-byte Usage takes the current Usage Page cut to 16 bits (a
+    4-byte page 0x00010001 is Generic Desktop); a 4-byte Usage is
+    "extended": its page is its own high 16 bits.
+  - Usage Minimum .. Usage Maximum adds the range's usages where the
+    Maximum is (extended if that item has 4 bytes).  A range is kept here as
+    its first usage only: all a collection can take from it.
+  - At the main item the Usage Page then current is put into the list's
+    short usages again, from the last one back, stopping at one already on
+    that page (HID 1.11, 6.2.2.8: the last declared Usage Page counts).
+
+Where the kernel's reading depends on more than that (Delimiter items, a
+Usage Minimum or Maximum without the other, a reversed or oversized range)
+the collection's usage is UNKNOWN, which is unsafe: fail closed rather than
+copy every corner.  Long items are skipped (the kernel refuses descriptors
+with them, so no hidraw node has one).  A malformed descriptor raises
+ValueError: callers must treat it as unknown, never as safe.
 """
 from __future__ import annotations
 
@@ -15,14 +41,21 @@ from typing import NamedTuple
 
 PAGE_GENERIC_DESKTOP = 0x01
 PAGE_KEYBOARD = 0x07
+PAGE_DIGITIZER = 0x0D
 
 GD_POINTER, GD_MOUSE, GD_KEYBOARD, GD_KEYPAD = 0x01, 0x02, 0x06, 0x07
 # HID Usage Tables, Generic Desktop: System Control .. System Warm Restart,
 # and System Dock .. System Display Swap (power, sleep, menus, display).
 GD_SYSTEM_CONTROL = range(0x80, 0x90)
 GD_SYSTEM_DOCK = range(0xA0, 0xB7)
+# Digitizer devices: Digitizer, Pen, Light Pen, Touch Screen, Touch Pad,
+# Whiteboard, ..., Free Space Wand, Device Configuration, Capacitive Heat
+# Map Digitizer.  All of them move or click a pointer.
+DG_DEVICES = range(0x01, 0x10)
 
 MAX_DEPTH = 64
+COLLECTION_APPLICATION = 0x01
+HID_MAX_USAGES = 12288        # the kernel's limit on usages before one main item
 
 
 class Usage(NamedTuple):
@@ -30,14 +63,45 @@ class Usage(NamedTuple):
     usage: int
 
     def __str__(self) -> str:
+        if self == UNKNOWN:
+            return "unknown"
         return f"{self.page:#06x}:{self.usage:#04x}"
 
 
-def toplevel_usages(desc: bytes) -> list[Usage]:
+UNKNOWN = Usage(-1, -1)       # a collection whose usage is not worked out here
+
+
+def _on_page(usage: int, page: int) -> int:
+    """A short usage completed with a Usage Page, as the kernel does: only
+    the page's low 16 bits are kept."""
+    return (page & 0xFFFF) << 16 | usage & 0xFFFF
+
+
+def _collection_usage(local: list[tuple[int, bool]], page: int) -> Usage:
+    """usage[0] of the list of (usage, extended) once the main item has put
+    the last Usage Page into it: the walk back from the end stops at a
+    short usage already on `page` (the full, uncut page is compared, as in
+    the kernel), so the first usage is moved to `page` only if no short
+    usage is on it."""
+    if not local:
+        return Usage(0, 0)
+    first, extended = local[0]
+    if not extended and not any(not ext and u >> 16 == page for u, ext in local):
+        first = _on_page(first, page)
+    return Usage(first >> 16, first & 0xFFFF)
+
+
+def collection_usages(desc: bytes) -> list[Usage]:
+    """The usage of every top-level and every Application collection, in
+    descriptor order."""
     usages: list[Usage] = []
-    page = 0
+    page = 0                          # Usage Page as given (may be 32-bit)
     page_stack: list[int] = []
-    local: list[int] = []            # usages since the last main item (raw, maybe 32-bit)
+    # local state, cleared by every main item
+    local: list[tuple[int, bool]] = []    # (32-bit usage, extended)
+    count = 0                         # usages the kernel's list holds
+    minimum: int | None = None        # a Usage Minimum waiting for its Maximum
+    doubtful = False                  # read here otherwise than by the kernel
     depth = 0
     i, n = 0, len(desc)
     while i < n:
@@ -55,10 +119,12 @@ def toplevel_usages(desc: bytes) -> list[Usage]:
         i += 1 + size
         if kind == 0:                                    # main
             if tag == 0xA:                               # Collection
-                if depth == 0:
-                    raw = local[0] if local else 0
-                    usages.append(Usage(raw >> 16, raw & 0xFFFF) if raw > 0xFFFF
-                                  else Usage(page, raw))
+                if depth > 0 and value & 0xFF != COLLECTION_APPLICATION:
+                    pass                                 # part of an application
+                elif doubtful or minimum is not None or count > HID_MAX_USAGES:
+                    usages.append(UNKNOWN)
+                else:
+                    usages.append(_collection_usage(local, page))
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise ValueError("collections nested too deep")
@@ -66,7 +132,7 @@ def toplevel_usages(desc: bytes) -> list[Usage]:
                 if depth == 0:
                     raise ValueError(f"End Collection without Collection at byte {i - 1}")
                 depth -= 1
-            local = []
+            local, count, minimum, doubtful = [], 0, None, False
         elif kind == 1:                                  # global
             if tag == 0x0:
                 page = value
@@ -76,8 +142,25 @@ def toplevel_usages(desc: bytes) -> list[Usage]:
                 if not page_stack:
                     raise ValueError("Pop without Push")
                 page = page_stack.pop()
-        elif kind == 2 and tag == 0x0:                   # local Usage
-            local.append(value if size == 4 else value & 0xFFFF)
+        elif kind == 2:                                  # local
+            extended = size == 4
+            if tag == 0x0:                               # Usage
+                local.append((value if extended else _on_page(value, page), extended))
+                count += 1
+            elif tag == 0x1:                             # Usage Minimum
+                if minimum is not None:
+                    doubtful = True
+                minimum = value
+            elif tag == 0x2:                             # Usage Maximum
+                if minimum is None or value < minimum:   # the kernel counts from 0,
+                    doubtful = True                      # or clamps a wrapped count
+                else:
+                    local.append((minimum if extended else _on_page(minimum, page),
+                                  extended))
+                    count += value - minimum + 1
+                minimum = None
+            elif tag == 0xA:                             # Delimiter: alternative
+                doubtful = True                          # usages the kernel ignores
     return usages
 
 
@@ -87,7 +170,9 @@ def is_keyboard(u: Usage) -> bool:
 
 
 def is_pointer(u: Usage) -> bool:
-    return u.page == PAGE_GENERIC_DESKTOP and u.usage in (GD_POINTER, GD_MOUSE)
+    """Mice, and what digitizes a position: touch pads, touch screens, pens."""
+    return (u.page == PAGE_GENERIC_DESKTOP and u.usage in (GD_POINTER, GD_MOUSE)
+            or u.page == PAGE_DIGITIZER and u.usage in DG_DEVICES)
 
 
 def is_system_control(u: Usage) -> bool:
@@ -96,6 +181,8 @@ def is_system_control(u: Usage) -> bool:
 
 
 def unsafe_reason(u: Usage) -> str | None:
+    if u == UNKNOWN:
+        return "usage unknown"
     if is_keyboard(u):
         return "keyboard"
     if is_pointer(u):

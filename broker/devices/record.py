@@ -27,7 +27,10 @@ directory, identified by (st_dev, st_ino): a device that goes away and comes
 back is a new directory (kernfs numbers are not reused), so a new instance.
 What cannot change during an instance is kept with it (UdevReader's cache):
 its subsystem, devtype, parent, and the attributes rules read (ids, classes,
-descriptors).  What can change is read again for every decision: which
+descriptors).  A hid device's report_descriptor is the exception: a driver
+rebind (report_fixup, a HID-BPF program) changes it in the same directory,
+announced by a uevent and a new hidraw child; rules read it with
+attribute_fresh().  What can change is read again for every decision: which
 device the MAJ:MIN link names, the directory's identity, bound drivers (the
 driver link, uevent), children (interfaces come and go with the
 configuration), and udev's database.  A rule that needs a mutable attribute
@@ -125,8 +128,11 @@ class DeviceRecord:
         self._devtype = _UNSET
         self._parent_path = _UNSET
         self._devnum = None
-        self.memo: dict = {}        # facts rules derive from fixed attributes (parsed
-        self.refresh()              # descriptors), kept for the instance's life
+        # facts rules derive from attributes (parsed descriptors), kept for the
+        # instance's life: one derived from attribute_fresh() keeps the bytes it
+        # was derived from and is used only while they are the same
+        self.memo: dict = {}
+        self.refresh()
 
     def refresh(self) -> None:
         """Forget what may have changed since the last decision."""
@@ -202,6 +208,16 @@ class DeviceRecord:
             self._check_name(name)
             self._attrs[name] = _read(f"{self.syspath}/{name}")
         return self._attrs[name]
+
+    def attribute_fresh(self, name: str) -> bytes | None:
+        """An attribute that can change within this instance, but only with a
+        kernel uevent and a new instance of the child being decided about
+        (report_descriptor: a rebind re-creates the hidraw node's directory).
+        Read now and not kept, so every decision made afresh sees the current
+        value; the decision itself may still be remembered (no `live` mark),
+        as core.py forgets it on the uevent and the new child is a new key."""
+        self._check_name(name)
+        return _read(f"{self.syspath}/{name}")
 
     def attribute_live(self, name: str) -> bytes | None:
         """An attribute that may change (authorized, power/...): read now."""

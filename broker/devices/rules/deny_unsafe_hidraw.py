@@ -3,10 +3,12 @@ from .base import DENY, IGNORE, Device, Rule, Verdict, usb_id_listed, usb_ids
 
 
 class DenyUnsafeHidraw(Rule):
-    """Deny hidraw nodes of keyboards, pointers (mice, touchpads) and system
-    controls (power, sleep, dock, display), judged by the usage of each
-    top-level collection in the HID report descriptor: raw access to them
-    reads keystrokes or injects input.  USB devices on `exempt` (VID:PID)
+    """Deny hidraw nodes of keyboards, pointers (mice, touchpads, touch
+    screens, pens) and system controls (power, sleep, dock, display), judged
+    by the usage of every collection, at any depth, in the HID report
+    descriptor as the kernel reads it (hid.py): raw access to them reads
+    keystrokes or injects input.  A collection whose usage is not worked out
+    the kernel's way counts as unsafe.  USB devices on `exempt` (VID:PID)
     are not judged.  A descriptor that is missing or does not parse is
     treated as unsafe (DENY): this rule guards, it does not guess."""
     type = "deny_unsafe_hidraw"
@@ -25,18 +27,22 @@ class DenyUnsafeHidraw(Rule):
         hid_dev = r.find_parent("hid")
         if hid_dev is None:
             return DENY
-        unsafe = hid_dev.memo.get("hid_unsafe")        # the descriptor is fixed
-        if unsafe is None:
-            unsafe = hid_dev.memo["hid_unsafe"] = self._unsafe(
-                hid_dev.attribute("report_descriptor"))
-        return DENY if unsafe else IGNORE
+        # Read again for every decision made afresh: a driver rebind changes
+        # the descriptor while the hid device (and its record) stays.  The
+        # verdict is kept with the bytes it was made from, for the next hidraw
+        # decision about the same descriptor.
+        desc = hid_dev.attribute_fresh("report_descriptor")
+        memo = hid_dev.memo.get("hid_unsafe")
+        if memo is None or memo[0] != desc:
+            memo = hid_dev.memo["hid_unsafe"] = (desc, self._unsafe(desc))
+        return DENY if memo[1] else IGNORE
 
     @staticmethod
     def _unsafe(desc: bytes | None) -> bool:
         if not desc:
             return True
         try:
-            usages = hid.toplevel_usages(desc)
+            usages = hid.collection_usages(desc)
         except ValueError:
             return True
         return any(hid.unsafe_reason(u) for u in usages)
