@@ -46,6 +46,11 @@ JAIL_CGROUP_PREFIX = "privbroker-"          # + the jail id
 SEED_CGROUP_PREFIX = "privbroker-seed-"
 WARM_RELEARN_EVERY = 64    # seeded launches before the pages a launch writes are learnt again
 WARM_MIN_PAGES = 32        # fewer: the jail's init ended before it was read; learn next time
+# Seeded launches read per learning, the largest plan kept: a read can come
+# before the init has written all it will (seen: a plan of ~100 pages where
+# the launch wrote ~770, kept for the next 64 launches, which then copied
+# little ahead).
+WARM_SAMPLES = 3
 
 
 # ---------------------------------------------------------------------------
@@ -76,6 +81,7 @@ class _Launcher:
         # ahead; learnt from a seeded jail's init right after its launch.
         self.warm_runs: tuple = ()
         self.seeded_since_learning = 0
+        self.samples_due = WARM_SAMPLES    # seeded launches still to read this learning
         self.warm_refused = False       # said once: a Watch could not be opened
         self.learn_from: tuple[Jail, warm.Watch] | None = None   # a seeded jail, until read
 
@@ -211,9 +217,12 @@ class _Launcher:
         return True
 
     def _watch_pages(self, seed: Seed) -> "warm.Watch | None":
-        """When a plan is due (none yet, or WARM_RELEARN_EVERY seeded launches
-        old), a Watch on the seed, opened before its order (warm.Watch says why)."""
-        if self.warm_runs and self.seeded_since_learning < WARM_RELEARN_EVERY:
+        """While a learning is on (the first WARM_SAMPLES seeded launches, and
+        again every WARM_RELEARN_EVERY), a Watch on the seed, opened before
+        its order (warm.Watch says why)."""
+        if self.seeded_since_learning >= WARM_RELEARN_EVERY:
+            self.samples_due, self.seeded_since_learning = WARM_SAMPLES, 0
+        if not self.samples_due:
             return None
         try:
             return warm.Watch(seed.pid)
@@ -236,9 +245,13 @@ class _Launcher:
             runs = watch.written_pages()
         finally:
             watch.close()
-        if warm.pages(runs) >= WARM_MIN_PAGES and not _has_ended(jail.pidfd):
+        if warm.pages(runs) < WARM_MIN_PAGES or _has_ended(jail.pidfd):
+            return
+        # The first read of a learning replaces the old plan (its memory may
+        # have moved since); the others only where they found more.
+        if self.samples_due == WARM_SAMPLES or warm.pages(runs) > warm.pages(self.warm_runs):
             self.warm_runs = runs
-            self.seeded_since_learning = 0
+        self.samples_due -= 1
 
     def dispatch(self, msg: dict, fds: list[int]) -> dict:
         op, jail_id = msg.get("op"), msg.get("jail")
