@@ -206,7 +206,10 @@ class Journal:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass            # the next rewrite removes it; the error to report is the first
             raise
         os.close(fd)
         os.rename(tmp, self.path)
