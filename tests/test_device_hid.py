@@ -100,3 +100,30 @@ def test_malformed_descriptors_raise(hexdesc):
 ])
 def test_what_is_unsafe(usage, reason):
     assert hid.unsafe_reason(usage) == reason
+
+
+# An n-key-rollover report in a vendor collection: a bitmap of the Keyboard
+# page's keys 0x00-0x65 (as some gaming keyboards send theirs).
+NKRO_IN_VENDOR = "0600FF0901A101" "05071900296515002501750195668102" "C0"
+
+
+@pytest.mark.parametrize("hexdesc,pages", [
+    (NKRO_IN_VENDOR, {0x07}),
+    # the same usages as Output fields (never key events)
+    ("0600FF0901A101" "05071900296515002501750195669102" "C0", set()),
+    # the Usage Page in force at the Input item takes the range over, as at
+    # a Collection: vendor fields, not keys
+    ("0600FF0901A101" "05071900296506 00FF 150025017501956681 02" "C0", {0xFF00}),
+    # padding (no usage) adds no page; a Delimiter makes the fields unknown
+    ("0600FF0901A101" "750195088101" "C0", set()),
+    ("0600FF0901A101" "A9010907A900150025017501950181 02" "C0", {hid.UNKNOWN.page}),
+])
+def test_the_pages_of_input_fields(hexdesc, pages):
+    assert hid.read(bytes.fromhex(hexdesc.replace(" ", ""))).input_pages == pages
+
+
+def test_keys_in_an_input_report_are_unsafe():
+    assert hid.unsafe_input({0x07}) == "keyboard keys in an input report"
+    assert hid.unsafe_input({hid.UNKNOWN.page}) == "input usage unknown"
+    assert hid.unsafe_input({0x01, 0x09, 0xFF00, 0xF1D0}) is None
+    assert hid.read(FIDO).input_pages == {0xF1D0}

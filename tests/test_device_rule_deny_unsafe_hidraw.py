@@ -50,6 +50,11 @@ def _with_descriptor(tmp_path, hexdesc):
     ("050D0905A101C005010902A101C0", DENY),          # touch pad, then a mouse collection
     # a gamepad: its axes in a Pointer Physical collection do not make it a mouse
     ("05010905A101" "0901A100093009311581257F750895028102C0" "C0", IGNORE),
+    # keyboard keys in the input report of a vendor or a consumer collection
+    ("0600FF0901A101" "05071900296515002501750195668102" "C0", DENY),
+    ("050C0901A101" "05071900296515002565750895068100" "C0", DENY),
+    # ... but only in an input report (an Output field sends nothing)
+    ("0600FF0901A101" "05071900296515002501750195669102" "C0", IGNORE),
 ])
 def test_descriptors(tmp_path, desc, verdict):
     assert rule().check(_with_descriptor(tmp_path, desc)) is verdict

@@ -1,5 +1,5 @@
 """HID report descriptors: the usages of the collections that make input
-devices, as the kernel reads them.
+devices, and the pages of input reports' fields, as the kernel reads them.
 
 A hidraw node speaks for a HID device whose report descriptor (sysfs
 attribute `report_descriptor` of its `hid` parent) says what it is: each
@@ -27,6 +27,11 @@ that differs from the kernel's lets a keyboard pass as something else:
   - At the main item the Usage Page then current is put into the list's
     short usages again, from the last one back, stopping at one already on
     that page (HID 1.11, 6.2.2.8: the last declared Usage Page counts).
+
+The same usages, at an Input item, are the fields of an input report: hid-
+input turns Keyboard-page usages into key events wherever they are (a
+gaming keyboard's n-key-rollover report may sit in a vendor collection), so
+the pages of every Input item's usages are returned too.
 
 Where the kernel's reading depends on more than that (Delimiter items, a
 Usage Minimum or Maximum without the other, a reversed or oversized range)
@@ -77,24 +82,33 @@ def _on_page(usage: int, page: int) -> int:
     return (page & 0xFFFF) << 16 | usage & 0xFFFF
 
 
-def _collection_usage(local: list[tuple[int, bool]], page: int) -> Usage:
-    """usage[0] of the list of (usage, extended) once the main item has put
-    the last Usage Page into it: the walk back from the end stops at a
-    short usage already on `page` (the full, uncut page is compared, as in
-    the kernel), so the first usage is moved to `page` only if no short
-    usage is on it."""
-    if not local:
-        return Usage(0, 0)
-    first, extended = local[0]
-    if not extended and not any(not ext and u >> 16 == page for u, ext in local):
-        first = _on_page(first, page)
-    return Usage(first >> 16, first & 0xFFFF)
+def _at_main_item(local: list[tuple[int, bool]], page: int) -> list[int]:
+    """The list of (usage, extended) once a main item has put the last
+    Usage Page into it: walking back from the end, each short usage is
+    moved to `page` until one is already on it (the full, uncut page is
+    compared, as in the kernel)."""
+    out = [u for u, _ext in local]
+    for i in range(len(local) - 1, -1, -1):
+        usage, extended = local[i]
+        if extended:
+            continue
+        if usage >> 16 == page:
+            break
+        out[i] = _on_page(usage, page)
+    return out
 
 
-def collection_usages(desc: bytes) -> list[Usage]:
-    """The usage of every top-level and every Application collection, in
-    descriptor order."""
+class Descriptor(NamedTuple):
+    collections: list[Usage]     # every top-level and every Application collection's
+    input_pages: set[int]        # the pages of Input items' usages (UNKNOWN.page: not
+                                 # worked out)
+
+
+def read(desc: bytes) -> Descriptor:
+    """The usages of the collections, in descriptor order, and the pages
+    of the usages of the input reports' fields."""
     usages: list[Usage] = []
+    input_pages: set[int] = set()
     page = 0                          # Usage Page as given (may be 32-bit)
     page_stack: list[int] = []
     # local state, cleared by every main item
@@ -118,13 +132,21 @@ def collection_usages(desc: bytes) -> list[Usage]:
         kind, tag = (prefix >> 2) & 3, prefix >> 4
         i += 1 + size
         if kind == 0:                                    # main
-            if tag == 0xA:                               # Collection
+            known = not (doubtful or minimum is not None or count > HID_MAX_USAGES)
+            now = _at_main_item(local, page) if known else []
+            if tag == 0x8:                               # Input
+                if known:
+                    input_pages.update(u >> 16 for u in now)
+                else:
+                    input_pages.add(UNKNOWN.page)
+            elif tag == 0xA:                             # Collection
                 if depth > 0 and value & 0xFF != COLLECTION_APPLICATION:
                     pass                                 # part of an application
-                elif doubtful or minimum is not None or count > HID_MAX_USAGES:
+                elif not known:
                     usages.append(UNKNOWN)
                 else:
-                    usages.append(_collection_usage(local, page))
+                    first = now[0] if now else 0         # the kernel's usage[0]
+                    usages.append(Usage(first >> 16, first & 0xFFFF))
                 depth += 1
                 if depth > MAX_DEPTH:
                     raise ValueError("collections nested too deep")
@@ -161,7 +183,11 @@ def collection_usages(desc: bytes) -> list[Usage]:
                 minimum = None
             elif tag == 0xA:                             # Delimiter: alternative
                 doubtful = True                          # usages the kernel ignores
-    return usages
+    return Descriptor(usages, input_pages)
+
+
+def collection_usages(desc: bytes) -> list[Usage]:
+    return read(desc).collections
 
 
 def is_keyboard(u: Usage) -> bool:
@@ -178,6 +204,15 @@ def is_pointer(u: Usage) -> bool:
 def is_system_control(u: Usage) -> bool:
     return u.page == PAGE_GENERIC_DESKTOP and (u.usage in GD_SYSTEM_CONTROL
                                                or u.usage in GD_SYSTEM_DOCK)
+
+
+def unsafe_input(pages: set[int]) -> str | None:
+    """Why fields of these pages in an input report make a device unsafe."""
+    if UNKNOWN.page in pages:
+        return "input usage unknown"
+    if PAGE_KEYBOARD in pages:
+        return "keyboard keys in an input report"
+    return None
 
 
 def unsafe_reason(u: Usage) -> str | None:

@@ -5,10 +5,11 @@ from .base import DENY, IGNORE, Device, Rule, Verdict, usb_id_listed, usb_ids
 class DenyUnsafeHidraw(Rule):
     """Deny hidraw nodes of keyboards, pointers (mice, touchpads, touch
     screens, pens) and system controls (power, sleep, dock, display), judged
-    by the usage of every collection, at any depth, in the HID report
-    descriptor as the kernel reads it (hid.py): raw access to them reads
-    keystrokes or injects input.  A collection whose usage is not worked out
-    the kernel's way counts as unsafe.  USB devices on `exempt` (VID:PID)
+    by the usage of every top-level and every Application collection, at
+    any depth, in the HID report descriptor as the kernel reads it (hid.py),
+    and of anything with Keyboard-page fields in an input report: raw access
+    to them reads keystrokes or injects input.  A usage not worked out the
+    kernel's way counts as unsafe.  USB devices on `exempt` (VID:PID)
     are not judged.  A descriptor that is missing or does not parse is
     treated as unsafe (DENY): this rule guards, it does not guess."""
     type = "deny_unsafe_hidraw"
@@ -42,7 +43,8 @@ class DenyUnsafeHidraw(Rule):
         if not desc:
             return True
         try:
-            usages = hid.collection_usages(desc)
+            d = hid.read(desc)
         except ValueError:
             return True
-        return any(hid.unsafe_reason(u) for u in usages)
+        return any(hid.unsafe_reason(u) for u in d.collections) or bool(
+            hid.unsafe_input(d.input_pages))
