@@ -14,20 +14,20 @@ MOUSE = bytes.fromhex("05010902A1010901A1000509190129031500250195037501810295017
 
 
 def test_real_descriptors():
-    assert hid.collection_usages(FIDO) == [Usage(0xF1D0, 0x01)]
-    assert hid.collection_usages(BOOT_KEYBOARD) == [Usage(0x01, 0x06)]
+    assert hid.read(FIDO).collections == [Usage(0xF1D0, 0x01)]
+    assert hid.read(BOOT_KEYBOARD).collections == [Usage(0x01, 0x06)]
     # a mouse's Pointer collection is a Physical one inside its application
-    assert hid.collection_usages(MOUSE) == [Usage(0x01, 0x02)]
+    assert hid.read(MOUSE).collections == [Usage(0x01, 0x02)]
 
 
 def test_several_top_level_collections_and_a_32_bit_usage():
     desc = bytes.fromhex("05010906A101C0" "0B01000C00A101C0")   # keyboard; usage 0x000C:0x0001
-    assert hid.collection_usages(desc) == [Usage(1, 6), Usage(0x0C, 0x01)]
+    assert hid.read(desc).collections == [Usage(1, 6), Usage(0x0C, 0x01)]
 
 
 def test_push_pop_and_long_items_are_followed():
     desc = bytes.fromhex("050CA4050DB40901A101C0" "FE0201AABB" "05010902A101C0")
-    assert hid.collection_usages(desc) == [Usage(0x0C, 1), Usage(1, 2)]
+    assert hid.read(desc).collections == [Usage(0x0C, 1), Usage(1, 2)]
 
 
 @pytest.mark.parametrize("hexdesc,usage", [
@@ -51,20 +51,20 @@ def test_push_pop_and_long_items_are_followed():
     ("05011906" "8100" "0906A101C0", Usage(1, 6)),
 ])
 def test_a_collection_usage_is_the_kernels(hexdesc, usage):
-    assert hid.collection_usages(bytes.fromhex(hexdesc)) == [usage]
+    assert hid.read(bytes.fromhex(hexdesc)).collections == [usage]
 
 
 def test_application_collections_at_every_depth_count():
     # a keyboard application inside a vendor one (through a Physical
     # collection): hid-input makes a keyboard of it
     nested = bytes.fromhex("0600FF0901A101" "0501A1000906A101C0C0" "C0")
-    assert hid.collection_usages(nested) == [Usage(0xFF00, 1), Usage(1, 6)]
+    assert hid.read(nested).collections == [Usage(0xFF00, 1), Usage(1, 6)]
     # a gamepad's axes in a Pointer Physical collection, and a Logical one:
     # parts of the gamepad application, which is no mouse
     gamepad = bytes.fromhex("05010905A101" "0901A100093009311581257F750895028102C0"
                             "0901A102C0" "C0")
-    assert hid.collection_usages(gamepad) == [Usage(1, 5)]
-    assert not any(hid.unsafe_reason(u) for u in hid.collection_usages(gamepad))
+    assert hid.read(gamepad).collections == [Usage(1, 5)]
+    assert not any(hid.unsafe_reason(u) for u in hid.read(gamepad).collections)
 
 
 @pytest.mark.parametrize("hexdesc", [
@@ -75,14 +75,14 @@ def test_application_collections_at_every_depth_count():
     "0600FFA9010901A900A101C0",      # Delimiter (the kernel keeps the first set)
 ])
 def test_what_is_not_worked_out_is_unknown_and_unsafe(hexdesc):
-    assert hid.collection_usages(bytes.fromhex(hexdesc)) == [hid.UNKNOWN]
+    assert hid.read(bytes.fromhex(hexdesc)).collections == [hid.UNKNOWN]
     assert hid.unsafe_reason(hid.UNKNOWN) == "usage unknown"
 
 
 @pytest.mark.parametrize("hexdesc", ["0501260", "C0", "B4", "FE05", "A100" * 70])
 def test_malformed_descriptors_raise(hexdesc):
     with pytest.raises(ValueError):
-        hid.collection_usages(bytes.fromhex(hexdesc + ("0" if len(hexdesc) % 2 else "")))
+        hid.read(bytes.fromhex(hexdesc + ("0" if len(hexdesc) % 2 else "")))
 
 
 @pytest.mark.parametrize("usage,reason", [

@@ -186,10 +186,6 @@ def read(desc: bytes) -> Descriptor:
     return Descriptor(usages, input_pages)
 
 
-def collection_usages(desc: bytes) -> list[Usage]:
-    return read(desc).collections
-
-
 def is_keyboard(u: Usage) -> bool:
     return u.page == PAGE_KEYBOARD or (u.page == PAGE_GENERIC_DESKTOP
                                        and u.usage in (GD_KEYBOARD, GD_KEYPAD))

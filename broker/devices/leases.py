@@ -425,8 +425,9 @@ class LeaseManager:
             lease.timer = None
             self.end(lease, f"timed out after {self.timeout_s:g}s")
 
-    def end(self, lease: Lease, why: str) -> bool:
-        """Restore the original and journal the end; True if restored."""
+    def end(self, lease: Lease, why: str) -> None:
+        """Restore the original and journal the end (lease.restored says
+        whether the original is back)."""
         self.by_id.pop(lease.lease_id, None)
         self.by_node.pop(lease.key, None)
         if lease.timer is not None:
@@ -434,7 +435,6 @@ class LeaseManager:
             lease.timer = None
         lease.restored = self._undo(lease.lease_id, lease.node, lease.orig, why,
                                     path=lease.path, uid=lease.uid)
-        return lease.restored
 
     def _restore_stale(self, key: tuple[str, int], node: safe_open.Node) -> bool:
         """Before a device is leased again: put back what a failed restore
