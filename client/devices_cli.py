@@ -40,6 +40,9 @@ def _cmd(argv: list[str]) -> list[str]:
     return argv[1:] if argv[:1] == ["--"] else argv
 
 
+ACCESS_MODES = {os.O_RDWR: "read-write", os.O_RDONLY: "read-only", os.O_WRONLY: "write-only"}
+
+
 def dispatch(b, args) -> int:
     if args.cmd == "check":
         ok = b.check_path_access(args.path)
@@ -51,7 +54,7 @@ def dispatch(b, args) -> int:
             cmd = _cmd(args.argv)
             if not cmd:
                 mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-                print(f"{args.path}: opened {'read-write' if mode == os.O_RDWR else 'read-only'}")
+                print(f"{args.path}: opened {ACCESS_MODES.get(mode, f'with mode {mode}')}")
                 return 0
             return _spawn_with_fd(cmd, fd, args.fd)
         finally:

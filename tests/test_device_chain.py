@@ -5,6 +5,7 @@ import pytest
 
 from broker.devices import chain
 from broker.devices.rules import ALLOW, DENY, DETACH, IGNORE, LOCKDOWN, Device, Rule
+from broker.devices.rules.base import READ, READ_WRITE, WRITE
 
 
 class Says(Rule):
@@ -55,3 +56,41 @@ def test_every_rule_is_asked_and_the_trail_says_what_each_answered():
     assert d.trail() == "a=DENY c=ALLOW"
     assert d.explain() == "rule 'a'"
     assert chain.decide((), DEV).explain() == "no rule allows this device (default deny)"
+
+
+class Grants(Says):
+    """ALLOW (or whatever it is told), granting `access` (rules.base)."""
+
+    def __init__(self, name, access, verdict=ALLOW):
+        super().__init__(name, verdict)
+        self.granted = access
+
+    def access(self, dev):
+        return self.granted
+
+
+@pytest.mark.parametrize("grants,access,logged", [
+    ((READ,), READ, "read only"),
+    ((WRITE,), WRITE, "write only"),
+    ((READ, WRITE), READ_WRITE, None),                   # any ALLOW allows: the union
+    ((READ, READ_WRITE), READ_WRITE, None),
+])
+def test_access_is_the_union_of_what_the_allowing_rules_grant(grants, access, logged):
+    d = chain.decide(tuple(Grants(f"g{i}", a) for i, a in enumerate(grants)), DEV)
+    assert d.verdict is ALLOW and d.access == access
+    assert d.log_fields.get("access") == logged
+
+
+def test_only_allow_answers_grant_access():
+    # a conditional verdict qualifies an allow; what it would grant is not asked
+    d = chain.decide((Grants("r", READ), Grants("l", READ_WRITE, LOCKDOWN)), DEV)
+    assert d.verdict is LOCKDOWN and d.access == READ
+    # a rule that DENYs or IGNOREs grants nothing either
+    d = chain.decide((Grants("r", READ), Grants("i", READ_WRITE, IGNORE)), DEV)
+    assert d.access == READ
+
+
+def test_an_allow_that_grants_nothing_denies():
+    d = chain.decide((Grants("broken", 0),), DEV)
+    assert d.verdict is DENY and not d.allowed
+    assert "allowed no access" in d.explain()

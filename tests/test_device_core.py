@@ -3,6 +3,7 @@ what the request's log line says.  Nodes are clones of /dev/zero (1:5) and /dev/
 (1:3) so opens really happen; the udev records say what each one is."""
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -76,7 +77,7 @@ NODES = {"bus/usb/001/003": ("1-2", 2), "bus/usb/001/004": ("1-3", 3),
          "pbgadget": ("pbgadget", 13)}
 
 
-def make(tmp_path, which: str, gid: int = 0) -> str:
+def make(tmp_path, which: str, gid: int = 0, mode: int = 0o660) -> str:
     """A tree where `which` is char 1:5 (zero) or 1:3 for pbgadget, and a
     node for it; returns its path."""
     sysname, n = NODES[which]
@@ -84,7 +85,7 @@ def make(tmp_path, which: str, gid: int = 0) -> str:
     nums[sysname] = (1, 3) if which == "pbgadget" else (1, 5)
     sample(tmp_path, devnums=nums)
     major, minor = nums[sysname]
-    make_node(tmp_path / "dev", which, "c", major, minor, mode=0o660, gid=gid)
+    make_node(tmp_path / "dev", which, "c", major, minor, mode=mode, gid=gid)
     return f"{tmp_path}/dev/{which}"
 
 
@@ -170,6 +171,54 @@ def test_read_only_fallback_only_where_the_rule_allows(tmp_path, monkeypatch):
     with pytest.raises(DeviceError) as e:
         core(tmp_path / "h").open_path(Caller(), path)
     assert e.value.kind == "Failed"
+
+
+def test_a_group_allowed_read_only_gets_a_read_only_fd_and_no_lease(tmp_path):
+    # allow_group on a 0640 plugdev node: plugdev may read, not write.  The
+    # front would open it O_RDWR (CAP_DAC_OVERRIDE); the rule holds it to
+    # what the group has, and a lease (the caller would own the node, and
+    # an owner may chmod) is refused.
+    import fcntl
+    path = make(tmp_path, "pbgadget", gid=PLUGDEV, mode=0o640)      # 1:3, /dev/null
+    c = core(tmp_path)
+    fd, info = c.open_path(Caller(), path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert os.read(fd, 4) == b""
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"x")
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert info["access"] == "read only" and info["done"].startswith("opened O_RDONLY"), info
+    with pytest.raises(DeviceError) as e:
+        c.chown_device(Caller(), path)
+    assert e.value.kind == "AccessDenied" and "read only" in str(e.value)
+    assert "use OpenPath" in str(e.value)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, PLUGDEV, 0o640)
+    assert c.leases.by_id == {} and not os.path.exists(c.config.journal)
+
+
+def test_a_group_allowed_write_only_gets_a_write_only_fd(tmp_path):
+    import fcntl
+    path = make(tmp_path, "pbgadget", gid=PLUGDEV, mode=0o620)
+    fd, info = core(tmp_path).open_path(Caller(), path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY
+        assert os.write(fd, b"x") == 1
+        with pytest.raises(OSError) as e:
+            os.read(fd, 1)
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    assert info["access"] == "write only", info
+
+
+def test_a_node_its_group_may_not_use_is_not_the_group_rules(tmp_path):
+    path = make(tmp_path, "pbgadget", gid=PLUGDEV, mode=0o604)
+    with pytest.raises(DeviceError, match="no rule allows this device"):
+        core(tmp_path).open_path(Caller(), path)
 
 
 class Ioctls:

@@ -3,6 +3,7 @@ import grp
 import pytest
 
 from broker.devices.rules import ALLOW, IGNORE, build
+from broker.devices.rules.base import READ, READ_WRITE, WRITE
 from udev_tree import device, sample
 
 
@@ -24,3 +25,20 @@ def test_restricted_to_subsystems(tree):
     rule = build({"type": "allow_group", "groups": ["plugdev"], "subsystems": ["tty"]}, "test")
     assert rule.check(device(tree, 10, 250, gid=PLUGDEV)) is IGNORE
     assert rule.check(device(tree, 166, 0, gid=PLUGDEV)) is ALLOW
+
+
+@pytest.mark.parametrize("perm,access", [(0o660, READ_WRITE), (0o640, READ), (0o620, WRITE),
+                                         (0o666, READ_WRITE), (0o670, READ_WRITE)])
+def test_it_grants_what_the_group_bits_give(tree, perm, access):
+    # the node's group may do this much, so the rule allows this much and
+    # no more (the front opens past mode bits: only the rule can hold it)
+    rule = build({"type": "allow_group", "groups": ["plugdev"]}, "test")
+    dev = device(tree, 10, 250, gid=PLUGDEV, perm=perm)
+    assert rule.check(dev) is ALLOW and rule.access(dev) == access
+
+
+@pytest.mark.parametrize("perm", [0o600, 0o606, 0o610])
+def test_a_node_its_group_may_not_use_is_not_allowed(tree, perm):
+    # "other" bits are not the group's: 0606 says nothing for plugdev
+    rule = build({"type": "allow_group", "groups": ["plugdev"]}, "test")
+    assert rule.check(device(tree, 10, 250, gid=PLUGDEV, perm=perm)) is IGNORE

@@ -56,6 +56,10 @@ type = "allow_tty"
 [[devices.rule]]
 type = "deny_tty_group"
 groups = ["tty"]
+[[devices.rule]]
+type = "allow_group"
+groups = ["plugdev"]
+subsystems = ["misc"]
 """
 
 # dev-root name: (sysname in the recordings, major, minor, mode, group)
@@ -69,6 +73,7 @@ NODES = {
     "bus/usb/001/002": ("1-1", 250, 21, 0o664, "root"),    # a hub: denied
     "ttyACM0": ("ttyACM0", 166, 0, 0o660, "dialout"),      # leased in the tests
     "ttyS0": ("ttyS0", 4, 64, 0o620, "tty"),               # group tty: denied
+    "pbgadget": ("pbgadget", 1, 7, 0o640, "plugdev"),      # /dev/full; plugdev may only read
 }
 
 
@@ -176,6 +181,22 @@ def test_an_allowed_device_fd_works_for_an_unprivileged_caller(bus, broker, worl
     assert owner(path) == (0, 0, 0o600)                   # OpenPath never chowns
     r = cli(bus, alice, "open", str(world / "dev" / "bus/usb/001/003"))
     assert r.returncode == 0 and "opened read-write" in r.stdout, r.stderr
+
+
+def test_a_node_its_group_may_only_read_is_handed_out_read_only(bus, broker, world, alice):
+    # allow_group: plugdev may read this 0640 node, so a caller gets that
+    # much (alice is not in plugdev), though the front could open it O_RDWR
+    path = str(world / "dev" / "pbgadget")
+    r = cli(bus, alice, "open", path)
+    assert r.returncode == 0 and "opened read-only" in r.stdout, (r.stdout, r.stderr)
+    r = cli(bus, alice, "open", path, "--", sys.executable, "-c",
+            "import os; fd = int(os.environ['PRIVBROKER_FD']); print(repr(os.read(fd, 1)));"
+            "os.write(fd, b'x')")
+    assert r.stdout.split() == [repr(b"\0")] and "Bad file descriptor" in r.stderr, r.stderr
+    r = cli(bus, alice, "chown", path, "--", "true")
+    assert r.returncode == 1 and "[org.privbroker.Error.AccessDenied]" in r.stderr
+    assert "allowed read only" in r.stderr, r.stderr
+    assert owner(path) == (0, _gid("plugdev"), 0o640)
 
 
 @pytest.mark.parametrize("node,rule", [("hidraw1", "deny_unsafe_hidraw"),

@@ -189,7 +189,7 @@ def sample(root: Path | str, devnums=None) -> UdevTree:
 
 
 def device(tree: UdevTree, major: int, minor: int, gid: int = 0, kind: str = "c",
-           path: str = "/dev/x"):
+           path: str = "/dev/x", perm: int = 0o660):
     """The Device a rule sees for node MAJ:MIN of group gid."""
     import stat
     from broker.devices.record import UdevReader
@@ -197,7 +197,7 @@ def device(tree: UdevTree, major: int, minor: int, gid: int = 0, kind: str = "c"
     reader = UdevReader(str(tree.sys), str(tree.udev_data))
     record = reader.for_devnum(kind, major, minor)
     assert record is not None, f"no record for {major}:{minor}"
-    mode = (stat.S_IFCHR if kind == "c" else stat.S_IFBLK) | 0o660
+    mode = (stat.S_IFCHR if kind == "c" else stat.S_IFBLK) | perm
     st = os.stat_result((mode, 1, 1, 1, 0, gid, 0, 0, 0, 0))
     # st_rdev is not in the 10-tuple; rules never use it
     return Device(path, st, record)

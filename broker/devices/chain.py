@@ -14,6 +14,11 @@ interfaces" rule would let any USB device through.  Lockdown beats detach:
 they contradict each other (keep the kernel drivers vs. take them away) and
 lockdown is the one that gives less.
 
+An allowed device may be used as far as the allowing rules say (their
+access(): READ and/or WRITE); any of them allows, so the grant is their
+union.  Only ALLOW answers count: a conditional verdict qualifies an allow
+and grants nothing of its own.
+
 Every rule is asked, also after a DENY, so the log line can say what each
 one answered; rules are cheap and read only what they need.
 """
@@ -22,6 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .rules import ALLOW, DENY, DETACH, IGNORE, LOCKDOWN, Device, Rule, Verdict
+from .rules.base import READ, READ_WRITE, WRITE
+
+ACCESS_NAMES = {READ: "read only", WRITE: "write only"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Decision:
     rule: Rule | None                     # the deciding rule; None: default deny
     answers: tuple[tuple[str, Verdict], ...]
     reason: str = ""                      # set when no rule could be asked
+    access: int = READ_WRITE              # allowed: READ and/or WRITE (rules.base)
     explanation: str = field(init=False, default="")    # explain(), for messages
     trail_text: str = field(init=False, default="")     # trail(), for the log
     log_fields: dict = field(init=False, default=None, compare=False)  # for the log line
@@ -41,6 +50,8 @@ class Decision:
         object.__setattr__(self, "log_fields", {
             "rule": self.rule_name, "rule_verdict": self.verdict.value,
             "rules": self.trail_text})
+        if self.allowed and self.access != READ_WRITE:
+            self.log_fields["access"] = ACCESS_NAMES[self.access]
 
     @property
     def allowed(self) -> bool:
@@ -66,13 +77,15 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
     answers = []
     first_deny = first_allow = None
     lockdown = detach = False
+    access = 0
     for rule in rules:
         verdict = rule.check(dev)
         answers.append((rule.name, verdict))
         if verdict is DENY and first_deny is None:
             first_deny = rule
-        elif verdict is ALLOW and first_allow is None:
-            first_allow = rule
+        elif verdict is ALLOW:
+            first_allow = first_allow or rule
+            access |= rule.access(dev)
         elif verdict is LOCKDOWN:
             lockdown = True
         elif verdict is DETACH:
@@ -82,8 +95,13 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
         return Decision(DENY, first_deny, answers)
     if first_allow is None:
         return Decision(DENY, None, answers)
+    if not access & READ_WRITE:
+        # An ALLOW that grants neither read nor write is a rule's bug; it
+        # denies rather than fall back to anything wider.
+        return Decision(DENY, first_allow, answers,
+                        reason=f"rule {first_allow.name!r} allowed no access (denied)")
     verdict = LOCKDOWN if lockdown else DETACH if detach else ALLOW
-    return Decision(verdict, first_allow, answers)
+    return Decision(verdict, first_allow, answers, access=access & READ_WRITE)
 
 
 def no_record(path: str) -> Decision:

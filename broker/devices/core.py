@@ -58,7 +58,7 @@ from .leases import LeaseManager
 from .record import UdevReader
 from .uevents import UeventMonitor
 from .rules import DETACH, LOCKDOWN, Device
-from .rules.base import usb_interfaces
+from .rules.base import READ, READ_WRITE, usb_interfaces
 
 DECISION_CACHE = 1024
 GRANT_CACHE = 1024
@@ -128,10 +128,10 @@ class DeviceCore:
         """Give the node to the caller's uid for a lease; returns the lease id."""
         self._authorize(caller, ("chown",))
         node, decision = self._decide_or_refuse_for(caller, path)
-        if decision.verdict in (LOCKDOWN, DETACH):
+        why_not = _why_no_lease(decision)
+        if why_not:
             node.close()
-            e = denied(f"{path!r}: allowed only {decision.verdict.value} (rule "
-                       f"{decision.rule_name!r}), which needs the broker's own fd: use OpenPath")
+            e = denied(f"{path!r}: {why_not}: use OpenPath")
             e.info = _decided(decision)
             raise e
         mode, before = decision.rule.lease_mode, node.st
@@ -320,6 +320,8 @@ class DeviceCore:
         return safe_open.searchable_by(root_fd, rel, caller.uid, caller.gids)
 
     def _open(self, node, decision, path: str) -> tuple[int, str]:
+        if decision.access != READ_WRITE:
+            return self._open_restricted(node, decision, path)
         try:
             fd, how = safe_open.reopen(node.fd, os.O_RDWR, self._own_fd_dir(),
                                        node.open_may_wait), "opened O_RDWR"
@@ -346,6 +348,22 @@ class DeviceCore:
                         from None
                 raise
         return fd, how
+
+    def _open_restricted(self, node, decision, path: str) -> tuple[int, str]:
+        """The allowing rules grant read only or write only (allow_group on a
+        node whose group may not do both): opened so, and nothing more."""
+        flags = os.O_RDONLY if decision.access == READ else os.O_WRONLY
+        try:
+            fd = safe_open.reopen(node.fd, flags, self._own_fd_dir(), node.open_may_wait)
+        except OSError as e:
+            raise DeviceError("Failed", f"{path!r}: open: {e.strerror}") from None
+        if decision.verdict in (LOCKDOWN, DETACH):
+            # never so today (the USB rules grant both); refused, not skipped
+            os.close(fd)
+            raise DeviceError("Failed", f"{path!r}: {decision.verdict.value} needs a "
+                                        f"read-write fd; the fd was not handed out")
+        return fd, (f"opened {'O_RDONLY' if flags == os.O_RDONLY else 'O_WRONLY'} "
+                    f"({decision.log_fields['access']}, as the allowing rules grant)")
 
     def _usb_restrict(self, fd: int, node, decision) -> str:
         record = self.reader.for_stat(node.st)
@@ -376,6 +394,19 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+def _why_no_lease(decision: chain.Decision) -> str:
+    """A lease hands over the node itself.  Terms that only the broker's own
+    fd can keep refuse it (the empty string: none)."""
+    if decision.verdict in (LOCKDOWN, DETACH):
+        return (f"allowed only {decision.verdict.value} (rule {decision.rule_name!r}), "
+                f"which needs the broker's own fd")
+    if decision.access != READ_WRITE:
+        # the lease makes the caller the node's owner, and an owner may chmod
+        return (f"allowed {decision.log_fields['access']} (rule {decision.rule_name!r}), "
+                f"which a lease could not hold the caller to")
+    return ""
 
 
 def _remember(cache: dict, key: tuple, value, limit: int = DECISION_CACHE) -> None:

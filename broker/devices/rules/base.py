@@ -31,6 +31,15 @@ ALLOW, LOCKDOWN, DETACH, DENY, IGNORE = (Verdict.ALLOW, Verdict.ALLOW_WITH_LOCKD
                                          Verdict.ALLOW_WITH_DETACH, Verdict.DENY,
                                          Verdict.IGNORE)
 
+# What an allowing rule lets the caller do with the node, as the r and w
+# bits of a permission triple.  Most rules allow a device whatever its
+# node's mode says (the point of the broker: a 0600 root node, an fd for the
+# caller), so they grant both.  A rule whose reason to allow is the node's
+# own mode (allow_group) grants only what that mode gives: the front opens
+# with CAP_DAC_OVERRIDE, so nothing else would stop it handing out more.
+READ, WRITE = 0o4, 0o2
+READ_WRITE = READ | WRITE
+
 
 @dataclass(frozen=True)
 class Device:
@@ -64,6 +73,11 @@ class Rule:
 
     def check(self, dev: Device) -> Verdict:
         raise NotImplementedError
+
+    def access(self, dev: Device) -> int:
+        """READ and/or WRITE: what this rule's ALLOW lets the caller do
+        (asked only when check() allowed)."""
+        return READ_WRITE
 
     def describe(self) -> str:
         return f"{self.name!r} ({self.summary})" if self.summary else repr(self.name)
