@@ -11,8 +11,9 @@
               is closed by the client
   open-usb    OpenPath(<dev>/bus/usb/001/003): an allow-listed USB gadget
               (tests/devices/usb.umockdev, node cloned from /dev/null); its
-              decision reads the interfaces' drivers, so it is remembered only
-              until the next kernel uevent (broker/devices/uevents.py)
+              decision reads the interfaces' drivers and finds one free,
+              which a usbfs claim could change unannounced: it is made
+              afresh for every call (broker/devices/record.py)
   check       CheckPathAccess of the same hidraw node (the decision, no open)
   bare, bare-fd  a minimal dbus-fast service on the same bus (not the broker):
               Noop() and NoopFd() -> h (a dup of an fd it holds); their

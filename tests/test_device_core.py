@@ -4,6 +4,7 @@ what the request's log line says.  Nodes are clones of /dev/zero (1:5) and /dev/
 from __future__ import annotations
 
 import errno
+import gc
 import grp
 import logging
 import os
@@ -225,13 +226,18 @@ class Ioctls:
     def __init__(self, fail=False):
         self.calls, self.fail = [], fail
 
+    fail_from = 0           # fail every call from this one on (1: the first)
+
     def __call__(self, fd, request, arg):
         self.calls.append((request, bytes(arg)))
-        if self.fail:
+        if self.fail or 0 < self.fail_from <= len(self.calls):
             raise OSError(25, "Inappropriate ioctl for device")
 
 
 def _fds():
+    # Earlier tests' cores hold fds (uevent socket, dev root) until they are
+    # collected: collected first, so none closes between two counts.
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -266,6 +272,30 @@ def test_a_failed_lockdown_hands_out_nothing(tmp_path):
         c.open_path(Caller(), path)
     assert e.value.kind == "Failed" and "not handed out" in str(e.value)
     assert _fds() == before
+
+
+def test_a_detach_that_fails_midway_says_which_drivers_it_took(tmp_path):
+    # Both of 1-4's interfaces made mass storage held by usb-storage: detach
+    # takes 0, then the kernel refuses 1.  The fd is not handed out, and
+    # interface 0's driver does not come back by itself: the answer says so.
+    path = make(tmp_path, "bus/usb/001/005")
+    dev = os.path.realpath(tmp_path / "sys/dev/char/1:5")
+    for n in (0, 1):
+        with open(f"{dev}/1-4:1.{n}/bInterfaceClass", "w") as f:
+            f.write("08\n")
+    os.symlink("../../../../../../bus/usb/drivers/usb-storage", f"{dev}/1-4:1.1/driver")
+    io = Ioctls()
+    io.fail_from = 2
+    c = core(tmp_path, ioctl=io)
+    c.check_path_access(Caller(), path)
+    c._own_fd_dir()
+    before = _fds()
+    with pytest.raises(DeviceError) as e:
+        c.open_path(Caller(), path)
+    assert e.value.kind == "Failed" and "interface 1" in str(e.value), e.value
+    assert "interfaces [0] stay without their kernel driver" in str(e.value)
+    assert e.value.info["rule_verdict"] == "ALLOW_WITH_DETACH"
+    assert len(io.calls) == 2 and _fds() == before
 
 
 def test_lockdown_and_detach_devices_cannot_be_leased(tmp_path):
@@ -400,25 +430,68 @@ def test_usb_decisions_are_remembered_until_the_kernel_announces_a_change(tmp_pa
     real = chain.decide
     monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
                         real(rules, dev))
-    usb = make(tmp_path, "bus/usb/001/005")               # usbhid on 1.0, 1.1 free
+    usb = make(tmp_path, "bus/usb/001/004")               # usb-storage holds its only interface
     c = core(tmp_path)
-    assert c.check_path_access(Caller(), usb)[0]           # lockdown: allowed
+    assert c.check_path_access(Caller(), usb)[0]           # detach: allowed
     assert c.uevents.watching, c.uevents.why_not
     for _ in range(3):
         assert c.check_path_access(Caller(), usb)[0]
     assert len(calls) == 1                                 # remembered: nothing happened
-    # a driver binds to the free interface, and the kernel says so (as it
-    # does for every bind): the next decision reads the interfaces again
-    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-4:1.1"
-    os.symlink("../../../../../../bus/usb/drivers/cdc_acm", f"{iface}/driver")
-    kernel_uevent()
-    with pytest.raises(DeviceError, match="deny_claimed_usb"):
-        c.open_path(Caller(), usb)                         # now every interface is claimed
-    assert len(calls) == 2
-    # unbound again: seen at the very next call too
+    # the kernel driver lets go, and the kernel says so (as it does for
+    # every kernel driver's bind and unbind): the next decision reads the
+    # interfaces again
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-3:1.0"
     os.unlink(f"{iface}/driver")
     kernel_uevent()
+    fd, info = c.open_path(Caller(), usb)
+    os.close(fd)
+    assert info["rule_verdict"] == "ALLOW" and len(calls) == 2
+    # bound again: seen at the very next call too
+    os.symlink("../../../../../../bus/usb/drivers/usb-storage", f"{iface}/driver")
+    kernel_uevent()
     assert c.check_path_access(Caller(), usb)[0] and len(calls) == 3
+    assert c.check_path_access(Caller(), usb)[0] and len(calls) == 3   # and remembered
+
+
+def _claim_through_usbfs(tmp_path, sysname: str) -> None:
+    """What the kernel shows when a program's usbfs fd claims an interface:
+    driver "usbfs" bound, and no uevent (devio.c suppresses it)."""
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + f"/{sysname}"
+    os.makedirs(tmp_path / "sys/bus/usb/drivers/usbfs", exist_ok=True)
+    os.symlink("../../../../../../bus/usb/drivers/usbfs", f"{iface}/driver")
+
+
+def test_a_decision_that_saw_a_free_interface_is_not_remembered(tmp_path, monkeypatch):
+    # Another program may claim a free interface through usbfs at any time,
+    # unannounced: a decision that read one is made again at every request.
+    from broker.devices import chain
+    calls = []
+    real = chain.decide
+    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
+                        real(rules, dev))
+    usb = make(tmp_path, "bus/usb/001/005")               # usbhid on 1.0, 1.1 free
+    c = core(tmp_path)
+    assert c.check_path_access(Caller(), usb)[0] and c.uevents.watching
+    assert c.check_path_access(Caller(), usb)[0]
+    assert len(calls) == 2
+    _claim_through_usbfs(tmp_path, "1-4:1.1")             # no uevent
+    with pytest.raises(DeviceError, match="deny_claimed_usb"):   # nothing free is left
+        c.open_path(Caller(), usb)
+
+
+def test_lockdown_leaves_another_programs_usbfs_claim_out_of_the_mask(tmp_path):
+    # Both interfaces free of kernel drivers, and another program's usbfs fd
+    # holds interface 0.  The rule counts it as claimed (lockdown), and the
+    # mask must not let the caller's fd claim it when that program lets go.
+    path = make(tmp_path, "bus/usb/001/005")
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5")
+    os.unlink(f"{iface}/1-4:1.0/driver")                   # usbhid gone: both free
+    _claim_through_usbfs(tmp_path, "1-4:1.0")               # ... and 0 taken through usbfs
+    io = Ioctls()
+    fd, info = core(tmp_path, ioctl=io).open_path(Caller(), path)
+    os.close(fd)
+    assert info["rule_verdict"] == "ALLOW_WITH_LOCKDOWN" and "mask=0x2" in info["done"], info
+    assert io.calls == [(usbdevfs.USBDEVFS_DROP_PRIVILEGES, (0b10).to_bytes(4, "little"))]
 
 
 def test_without_uevents_usb_decisions_are_made_every_time(tmp_path, monkeypatch):

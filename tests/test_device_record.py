@@ -126,3 +126,44 @@ def test_attribute_names_stay_in_the_device_directory(tmp_path):
         with pytest.raises(ValueError):
             rec.attribute(bad)
     assert rec.attribute("driver") is None               # a symlink: never followed
+
+
+def test_what_is_not_there_yet_is_read_again(tmp_path):
+    # device_add() makes the directory and its uevent file first, the
+    # attributes and the subsystem link after: a record read in between
+    # must see them once they are there, within the same instance.
+    sysfs = tmp_path / "sys"
+    d = sysfs / "devices/usb9/9-1/9-1:1.0"
+    d.mkdir(parents=True)
+    (d / "uevent").write_text("DEVTYPE=usb_interface\n")
+    reader = UdevReader(str(sysfs), str(tmp_path / "udev"))
+    rec = reader.at(str(d))
+    assert (rec.subsystem, rec.attribute("bInterfaceClass")) == (None, None)
+    (sysfs / "bus/usb").mkdir(parents=True)
+    os.symlink("../../../../bus/usb", d / "subsystem")
+    (d / "bInterfaceClass").write_text("09\n")
+    again = reader.at(str(d))
+    assert again is rec                                   # the same instance, kept
+    assert (again.subsystem, again.attribute_hex("bInterfaceClass")) == ("usb", 9)
+    (d / "bInterfaceClass").write_text("03\n")            # found once: kept for the instance
+    assert reader.at(str(d)).attribute_hex("bInterfaceClass") == 9
+
+
+def test_a_free_or_usbfs_held_usb_interface_is_unannounced(tmp_path):
+    # a usbfs claim or release comes with no uevent: a decision that read
+    # such an interface's driver must not be remembered (record.py)
+    tree = sample(tmp_path)
+    reader = UdevReader(str(tree.sys), str(tree.udev_data))
+    dev = reader.for_devnum("c", 189, 4)                  # 1-4: usbhid on 1.0, 1.1 free
+    assert dev is not None and dev.sysname == "1-4"
+    held, free = sorted((c for c in dev.children() if c.devtype == "usb_interface"),
+                        key=lambda c: c.sysname)
+    reader.unannounced = False
+    assert held.driver == "usbhid" and not reader.unannounced
+    assert free.driver is None and reader.unannounced
+    reader.unannounced = False
+    os.makedirs(tree.sys / "bus/usb/drivers/usbfs", exist_ok=True)
+    os.symlink(os.path.relpath(tree.sys / "bus/usb/drivers/usbfs", free.syspath),
+               f"{free.syspath}/driver")
+    free.refresh()
+    assert free.driver == "usbfs" and reader.unannounced

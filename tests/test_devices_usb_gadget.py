@@ -334,6 +334,35 @@ def test_a_driver_unbound_and_bound_again_is_seen_at_the_next_call(broker, gadge
     assert all(out[f"disconnect_claim:{n}"] == "EACCES" for n in acm), out
 
 
+def test_an_interface_claimed_through_usbfs_is_seen_at_the_next_call(broker, gadgets, caller):
+    """Another program's usbfs fd claims the free interface; the kernel
+    binds driver "usbfs" to it without a uevent (devio.c suppresses it).  A
+    decision made while the interface was free must not be reused: with
+    every interface held, the device is denied; once that fd is closed, it
+    is allowed with lockdown again."""
+    import fcntl
+    import struct
+    from broker.devices import usbdevfs as u
+    g = gadgets["lockdown"]
+    free = g.number(VENDOR)
+    probe(broker, caller, g, f"claim:{free}")
+    probe(broker, caller, g, f"claim:{free}")              # remembered, if it could be
+    other = os.open(g.node, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(other, u._ioc(u._IOC_READ, "U", 15, 4), struct.pack("I", free))
+        assert g.interfaces()[free][1] == "usbfs"
+        r = caller.run([*CLIENT, "--bus-address", broker.bus.address, "open", g.node],
+                       env=broker.bus.env(), cwd=ROOT, timeout=60)
+        assert r.returncode == 1 and "denied by rule 'deny_claimed_usb'" in r.stderr, \
+            r.stdout + r.stderr
+    finally:
+        os.close(other)                                     # its claim goes with it
+    _wait(lambda: g.interfaces()[free][1] is None, "the usbfs claim outlived its fd")
+    out = probe(broker, caller, g, f"claim:{free}")
+    assert out[f"claim:{free}"] == "ok"
+    assert f"mask={1 << free:#x}" in decision_lines(broker, "OpenPath")[-1]
+
+
 def test_detach_hands_the_claimed_interfaces_to_the_fd(broker, gadgets, caller):
     g = gadgets["detach"]
     acm = sorted(n for n, (_, drv) in g.ifaces.items() if drv == "cdc_acm")

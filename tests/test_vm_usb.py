@@ -23,6 +23,7 @@ MUST_PASS = [
     "test_devices_usb_gadget.py::test_lockdown_leaves_the_fd_only_the_unclaimed_interface",
     "test_devices_usb_gadget.py::test_the_same_ioctl_on_an_fd_without_lockdown_is_not_refused",
     "test_devices_usb_gadget.py::test_a_driver_unbound_and_bound_again_is_seen_at_the_next_call",
+    "test_devices_usb_gadget.py::test_an_interface_claimed_through_usbfs_is_seen_at_the_next_call",
     "test_devices_usb_gadget.py::test_detach_hands_the_claimed_interfaces_to_the_fd",
     "test_devices_usb_gadget.py::test_a_lockdown_device_cannot_be_leased",
     "test_devices_usb_gadget.py::test_the_root_hub_is_denied_by_the_hub_rules",

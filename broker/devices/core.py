@@ -58,7 +58,8 @@ from .leases import LeaseManager
 from .record import UdevReader
 from .uevents import UeventMonitor
 from .rules import DETACH, LOCKDOWN, Device
-from .rules.base import READ, READ_WRITE, usb_interfaces
+from .rules.base import (FREE, HELD_BY_USBFS, READ, READ_WRITE, usb_interface_holder,
+                         usb_interfaces)
 
 DECISION_CACHE = 1024
 GRANT_CACHE = 1024
@@ -370,17 +371,28 @@ class DeviceCore:
         if record is None or record.subsystem != "usb" or record.devtype != "usb_device":
             raise DeviceError("Failed", f"{decision.verdict.value} applies to USB device "
                                         f"nodes only; the fd was not handed out")
-        claimed, unclaimed = [], []
+        # Lockdown lets the fd claim only free interfaces; detach takes only
+        # kernel drivers' (another program's usbfs claim is left alone).
+        free, kernel = [], []
         for iface in usb_interfaces(record):
             number = iface.attribute_hex("bInterfaceNumber")
-            if number is None:
-                continue
-            (claimed if iface.driver and iface.driver != "usbfs" else unclaimed).append(number)
+            holder = usb_interface_holder(iface)
+            if number is not None and holder != HELD_BY_USBFS:
+                (free if holder == FREE else kernel).append(number)
         kw = {} if self.ioctl is None else {"ioctl": self.ioctl}
         if decision.verdict is LOCKDOWN:
-            mask = usbdevfs.lockdown(fd, unclaimed, **kw)
+            mask = usbdevfs.lockdown(fd, free, **kw)
             return f"USBDEVFS_DROP_PRIVILEGES mask={mask:#x}"
-        done = usbdevfs.detach(fd, claimed, **kw)
+        try:
+            done = usbdevfs.detach(fd, kernel, **kw)
+        except usbdevfs.DetachFailed as e:
+            # the drivers detached before the failure do not come back by
+            # themselves (usbdevfs.py): the refusal and its log line say so
+            left = (f"interfaces {e.detached} stay without their kernel driver until it is "
+                    f"probed again" if e.detached else "no driver was detached")
+            raise DeviceError("Failed", f"USBDEVFS_DISCONNECT_CLAIM of interface {e.interface}: "
+                                        f"{e.cause.strerror}; the fd was not handed out; "
+                                        f"{left}") from None
         return f"USBDEVFS_DISCONNECT_CLAIM interfaces={done}"
 
 

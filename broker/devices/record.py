@@ -27,7 +27,7 @@ directory, identified by (st_dev, st_ino): a device that goes away and comes
 back is a new directory (kernfs numbers are not reused), so a new instance.
 What cannot change during an instance is kept with it (UdevReader's cache):
 its subsystem, devtype, parent, and the attributes rules read (ids, classes,
-descriptors).  A hid device's report_descriptor is the exception: a driver
+descriptors), each once it was found (not yet there may be not made yet).  A hid device's report_descriptor is the exception: a driver
 rebind (report_fixup, a HID-BPF program) changes it in the same directory,
 announced by a uevent and a new hidraw child; rules read it with
 attribute_fresh().  What can change is read again for every decision: which
@@ -41,8 +41,10 @@ beyond the instance's identity; a decision that did not is a function of
 (device instance, node group, initialized) and may be reused (core.py).
 Of the second kind, the kernel announces changes of drivers, children and
 the uevent file with a uevent (uevents.py); it does not announce udev's
-database (written by udevd after the kernel's event) nor attributes read
-with attribute_live().  Reading those also sets `unannounced`: such a
+database (written by udevd after the kernel's event), attributes read
+with attribute_live(), nor a USB interface being claimed or released
+through usbfs (so reading that an interface is free, or held by usbfs, is
+unannounced).  Reading those also sets `unannounced`: such a
 decision is never reused.
 """
 from __future__ import annotations
@@ -51,6 +53,9 @@ import os
 import stat as stat_mod
 from collections import OrderedDict
 
+# The driver name of an interface claimed through usbfs (an open
+# /dev/bus/usb node), not by a kernel driver.
+USBFS_DRIVER = "usbfs"
 MAX_ATTR = 64 * 1024          # a sysfs attribute is at most a page; descriptors 4 KiB
 MAX_PARENTS = 64
 CACHE_SIZE = 512
@@ -123,7 +128,7 @@ class DeviceRecord:
         self.sysname = os.path.basename(syspath)
         self.ident = ident                          # (st_dev, st_ino) of the directory
         # for the instance's life
-        self._attrs: dict[str, bytes | None] = {}
+        self._attrs: dict[str, bytes] = {}
         self._subsystem = _UNSET
         self._devtype = _UNSET
         self._parent_path = _UNSET
@@ -163,16 +168,27 @@ class DeviceRecord:
         except OSError:
             return None
 
+    # What is kept for the instance's life is kept only once it was found:
+    # the kernel makes a device's directory and uevent file first, and its
+    # attributes and subsystem link after (device_add), announcing it only
+    # then.  A request that comes in between must not leave "no subsystem"
+    # or "no such attribute" behind for the rest of the instance's life.
     @property
     def subsystem(self) -> str | None:
         if self._subsystem is _UNSET:
-            self._subsystem = self._link("subsystem") or self._kernel().get("SUBSYSTEM")
+            found = self._link("subsystem") or self._kernel().get("SUBSYSTEM")
+            if found is None:
+                return None
+            self._subsystem = found
         return self._subsystem
 
     @property
     def devtype(self) -> str | None:
         if self._devtype is _UNSET:
-            self._devtype = self._kernel().get("DEVTYPE")
+            found = self._kernel().get("DEVTYPE")
+            if found is None:
+                return None
+            self._devtype = found
         return self._devtype
 
     @property
@@ -180,6 +196,12 @@ class DeviceRecord:
         self.reader.live = True
         if self._driver is _UNSET:
             self._driver = self._link("driver")      # as sd-device: the link only
+        if self._driver in (None, USBFS_DRIVER) and self.devtype == "usb_interface":
+            # Any program with a usbfs fd may claim a free interface, or
+            # release its claim, at any time, and the kernel suppresses the
+            # uevents of those binds (drivers/usb/core/devio.c, claimintf and
+            # releaseintf): what a decision read here is not announced.
+            self.reader.unannounced = True
         return self._driver
 
     @property
@@ -204,10 +226,13 @@ class DeviceRecord:
         """A sysfs attribute that is fixed for the device's life (ids, classes,
         descriptors): read once per instance.  None if absent; never follows a
         symlink and never leaves the device's directory."""
-        if name not in self._attrs:
+        value = self._attrs.get(name)
+        if value is None:
             self._check_name(name)
-            self._attrs[name] = _read(f"{self.syspath}/{name}")
-        return self._attrs[name]
+            value = _read(f"{self.syspath}/{name}")
+            if value is not None:       # absent now may be not made yet (above)
+                self._attrs[name] = value
+        return value
 
     def attribute_fresh(self, name: str) -> bytes | None:
         """An attribute that can change within this instance, but only with a

@@ -52,10 +52,22 @@ def lockdown(fd: int, allowed_interfaces: Iterable[int], ioctl: Ioctl = fcntl.io
     return mask
 
 
+class DetachFailed(Exception):
+    """DISCONNECT_CLAIM failed for `interface`, after `detached` were done
+    (their drivers are already unbound: the caller must say so)."""
+
+    def __init__(self, interface: int, detached: list[int], cause: OSError):
+        super().__init__(f"interface {interface}: {cause}")
+        self.interface, self.detached, self.cause = interface, detached, cause
+
+
 def detach(fd: int, interfaces: Iterable[int], ioctl: Ioctl = fcntl.ioctl) -> list[int]:
     done = []
     for n in interfaces:
-        ioctl(fd, USBDEVFS_DISCONNECT_CLAIM,
-              _DISCONNECT_CLAIM.pack(n, USBDEVFS_DISCONNECT_CLAIM_EXCEPT_DRIVER, b"usbfs"))
+        try:
+            ioctl(fd, USBDEVFS_DISCONNECT_CLAIM,
+                  _DISCONNECT_CLAIM.pack(n, USBDEVFS_DISCONNECT_CLAIM_EXCEPT_DRIVER, b"usbfs"))
+        except OSError as e:
+            raise DetachFailed(n, done, e) from e
         done.append(n)
     return done

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from ..record import DeviceRecord
+from ..record import USBFS_DRIVER, DeviceRecord
 
 
 class Verdict(enum.Enum):
@@ -104,9 +104,11 @@ def usb_ids(v, where: str) -> frozenset[tuple[int, int | None]]:
 
 
 def usb_vendors(v, where: str) -> frozenset[int]:
+    """["1d6b"] -> {0x1d6b}.  Strings only: a TOML integer would be read
+    wrong either way (0x1d6b is 7531, whose digits are another vendor)."""
     out = set()
     for item in _list(v, where):
-        if not _HEX4.match(str(item)):
+        if not isinstance(item, str) or not _HEX4.match(item):
             raise RuleConfigError(f"{where}: vendor {item!r} is not 4 hex digits")
         out.add(int(str(item), 16))
     return frozenset(out)
@@ -169,3 +171,17 @@ def usb_id_listed(r: DeviceRecord, ids: frozenset[tuple[int, int | None]]) -> bo
 
 def usb_interfaces(r: DeviceRecord) -> list[DeviceRecord]:
     return [c for c in r.children() if c.devtype == "usb_interface"]
+
+
+# Who holds a USB interface: the one place that tells (the claimed-driver
+# rule and the lockdown/detach that follows its verdict must agree).
+FREE, HELD_BY_USBFS, HELD_BY_KERNEL = "free", "usbfs", "kernel"
+
+
+def usb_interface_holder(iface: DeviceRecord) -> str:
+    """FREE, HELD_BY_USBFS (another program's usbfs fd claimed it) or
+    HELD_BY_KERNEL (a kernel driver is bound)."""
+    driver = iface.driver
+    if driver is None:
+        return FREE
+    return HELD_BY_USBFS if driver == USBFS_DRIVER else HELD_BY_KERNEL

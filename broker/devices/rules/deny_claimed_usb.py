@@ -1,15 +1,13 @@
-from .base import (DENY, DETACH, IGNORE, LOCKDOWN, Device, Rule, Verdict, byte_values,
-                   usb_device, usb_id_listed, usb_ids)
-
-# A driver named "usbfs" means another program holds the interface through
-# usbfs: it is claimed, but not by the kernel.
-USERSPACE_DRIVER = "usbfs"
+from .base import (DENY, DETACH, FREE, IGNORE, LOCKDOWN, Device, Rule, Verdict, byte_values,
+                   usb_device, usb_id_listed, usb_ids, usb_interface_holder)
 
 
 class DenyClaimedUsb(Rule):
     """A USB device some of whose interfaces a kernel driver has claimed.
 
-    None claimed: IGNORE.  Otherwise, when the device is on `detachable`
+    An interface another program holds through usbfs counts as claimed: it
+    is not this caller's to take (lockdown leaves it out of the mask, detach
+    leaves it alone).  None claimed: IGNORE.  Otherwise, when the device is on `detachable`
     (VID:PID) or every claimed interface's class is in
     `detachable_classes` (e.g. 8, mass storage): ALLOW_WITH_DETACH (the
     broker detaches those drivers before handing out the fd).  Otherwise,
@@ -34,7 +32,7 @@ class DenyClaimedUsb(Rule):
                 continue
             if child.devtype != "usb_interface":
                 return DENY
-            (claimed if child.driver else unclaimed).append(child)
+            (unclaimed if usb_interface_holder(child) == FREE else claimed).append(child)
         if not claimed:
             return IGNORE
         if usb_id_listed(r, self.detachable) or all(
