@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from .devices.leases import JournalError
     devices = DeviceCore(pol.devices, pol)
     try:
+        devices.leases.journal.hold_exclusively()            # one broker per journal
         devices.leases.journal.hand_to(user.uid, user.gid)   # the front writes it
     except JournalError as e:
         log.error("device lease journal: %s", e)

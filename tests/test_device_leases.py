@@ -10,13 +10,14 @@ import os
 import stat
 import struct
 import subprocess
+import time
 
 import pytest
 
 from broker.devices import leases as leases_mod
 from broker.devices import safe_open
 from broker.devices.errors import DeviceError
-from broker.devices.leases import LeaseManager
+from broker.devices.leases import Journal, JournalError, LeaseManager
 from udev_tree import make_node
 
 UID = 4321
@@ -423,3 +424,18 @@ def test_a_take_from_an_earlier_boot_is_replayed_on_a_lasting_file_system(env):
     lines = LeaseManager(str(journal)).replay()
     assert owner(dev / "a") == (0, 46, 0o660)
     assert len(lines) == 1 and "restored" in lines[0]
+
+
+def test_one_process_at_a_time_holds_the_journal(tmp_path):
+    first = Journal(str(tmp_path / "state" / "leases.journal"))
+    fd = first.hold_exclusively(wait_s=0)
+    assert first.lock_fd == fd
+    second = Journal(first.path)
+    t = time.monotonic()
+    with pytest.raises(JournalError, match="another privbrokerd is using the journal"):
+        second.hold_exclusively(wait_s=0.2)
+    assert time.monotonic() - t >= 0.2                    # it waited for the first to go
+    assert second.lock_fd is None
+    os.close(fd)                                          # the first run ended
+    assert second.hold_exclusively(wait_s=0) >= 0
+    os.close(second.lock_fd)

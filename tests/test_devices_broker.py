@@ -286,6 +286,30 @@ def test_two_callers_one_node_the_second_is_busy(bus, broker, world, alice, bob)
     assert r.returncode == 0, r.stderr
 
 
+def test_a_second_broker_on_the_same_journal_refuses_to_start(bus, broker, world, alice):
+    # Before the lock, a second privbrokerd on the same config replayed the
+    # live journal (restoring alice's node under her lease) and rewrote it,
+    # leaving the running broker appending to a deleted file; it only then
+    # found the bus name taken.
+    path = str(world / "dev" / "ttyACM0")
+    journal = world / "state" / "leases.journal"
+    before = owner(path)
+    p = holder(bus, alice, path)
+    try:
+        recorded = journal.read_bytes()
+        r = subprocess.run([sys.executable, "-m", "broker", "--bus-address", bus.address,
+                            "--config", str(world / "broker-state.toml"), "--log-target",
+                            "stderr"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "another privbrokerd is using the journal" in r.stderr, \
+            r.stderr
+        assert owner(path) == (alice.uid, before[1], 0o600)   # the live lease untouched
+        assert journal.read_bytes() == recorded
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+    assert owner(path) == before
+
+
 def test_release_of_someone_elses_lease_is_not_found(bus, broker, world, alice):
     from client import Broker, BrokerCallError
     path = str(world / "dev" / "ttyACM0")

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -82,6 +83,7 @@ class Journal:
         self.lines = 0
         self.owner = os.geteuid()       # whose private file it is (hand_to)
         self.group = -1                 # and its group, once handed over
+        self.lock_fd: int | None = None  # hold_exclusively(): kept for the process's life
 
     def _check_private(self, st: os.stat_result, what: str) -> None:
         if st.st_uid != self.owner or st.st_mode & 0o022:
@@ -114,6 +116,37 @@ class Journal:
             finally:
                 os.close(fd)
         self.owner, self.group = uid, gid
+
+    def hold_exclusively(self, wait_s: float = 2.0) -> int:
+        """Lock `<journal>.lock` for this process's life (and its front's,
+        which inherits the fd), or raise JournalError.  Two brokers on one
+        journal would undo each other: the second one's replay restores the
+        first one's live leases, and its rewrite leaves the first appending
+        to a deleted file, so those leases are lost at the next crash.
+        Waits a little: the processes of a run that just ended may still be
+        on their way out."""
+        d = os.path.dirname(self.path) or "."
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        lock = f"{self.path}.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise JournalError(f"{lock}: {e.strerror}") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.lock_fd = fd
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise JournalError(f"another privbrokerd is using the journal {self.path} "
+                                       f"(it holds {lock}): one broker per journal") from None
+                time.sleep(0.05)
+            except OSError as e:
+                os.close(fd)
+                raise JournalError(f"{lock}: {e.strerror}") from None
 
     def _open(self) -> int:
         if self.fd is None:
