@@ -86,11 +86,14 @@ class Callers:
 
     def _asked(self, sender: str, fut: asyncio.Future) -> None:
         del self._asking[sender]
+        # Whatever the answer, the mark is done with: a failed lookup kept
+        # it, and any client could grow the set by connecting and leaving.
+        gone = sender in self._gone
+        self._gone.discard(sender)
         if fut.cancelled() or fut.exception() is not None:
             return
         caller = fut.result()
-        if sender in self._gone:         # its name went away meanwhile: nothing to keep
-            self._gone.discard(sender)
+        if gone:                         # its name went away meanwhile: nothing to keep
             if caller.pidfd >= 0:
                 os.close(caller.pidfd)
         else:

@@ -8,7 +8,10 @@
         Would `open` be allowed?  Prints allowed/denied; exit 0 or 1.
     privbroker chown PATH [-- CMD [ARGS...]]
         Lease PATH to your uid.  With CMD: hold the lease while it runs, then
-        release.  Without: print the lease id and hold it until SIGINT/SIGTERM.
+        release, and exit with its status (128+signal if a signal ended it;
+        SIGINT, SIGTERM and SIGHUP sent to us go to CMD, as for `open`; a
+        lease that ended first, by its timeout, is only reported).
+        Without: print the lease id and hold it until SIGINT/SIGTERM/SIGHUP.
         The lease also ends when this program exits or dies (the broker sees
         its connection go), and the broker restores the node.
 """
@@ -18,7 +21,7 @@ import argparse
 import fcntl
 import os
 import signal
-import subprocess
+import sys
 import threading
 
 COMMANDS = ("open", "check", "chown")
@@ -61,16 +64,31 @@ def dispatch(b, args) -> int:
             os.close(fd)
     if args.cmd == "chown":
         lease = b.chown_device(args.path)
+        code = 0
         try:
             cmd = _cmd(args.argv)
             if cmd:
-                return subprocess.run(cmd).returncode
-            print(f"{args.path}: lease {lease}; held until interrupted", flush=True)
-            _wait_for_signal()
-            return 0
+                code = _spawn(cmd)
+            else:
+                print(f"{args.path}: lease {lease}; held until interrupted", flush=True)
+                _wait_for_signal()
         finally:
-            b.release_device(lease)
+            _release(b, lease)
+        return code
     return 2
+
+
+def _release(b, lease: str) -> None:
+    """The lease may have ended already (its timeout, a broker restart):
+    the node was restored then, and the command's status still stands."""
+    from .api import BrokerCallError
+    try:
+        b.release_device(lease)
+    except BrokerCallError as e:
+        if not e.name.endswith(".NotFound"):
+            raise
+        print(f"privbroker: lease {lease} had already ended (the broker restored the node)",
+              file=sys.stderr)
 
 
 def _spawn_with_fd(cmd: list[str], fd: int, target: int) -> int:
@@ -80,8 +98,33 @@ def _spawn_with_fd(cmd: list[str], fd: int, target: int) -> int:
     actions = [(os.POSIX_SPAWN_DUP2, fd, target)] if fd != target else []
     if fd == target:
         os.set_inheritable(fd, True)
-    pid = os.posix_spawnp(cmd[0], cmd, env, file_actions=actions)
-    _, status = os.waitpid(pid, 0)
+    return _spawn(cmd, env, actions)
+
+
+def _spawn(cmd: list[str], env=None, actions=()) -> int:
+    """Run cmd and wait for it; its exit status, or 128+signal.  SIGINT,
+    SIGTERM and SIGHUP sent to us go to it, and we wait on: the device is
+    given back only once the command that has it is done."""
+    child: list[int] = []
+    early: list[int] = []           # signals that came before the child did
+
+    def forward(sig, _frame):
+        if child:
+            os.kill(child[0], sig)
+        else:
+            early.append(sig)
+
+    before = {sig: signal.signal(sig, forward)
+              for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        child.append(os.posix_spawnp(cmd[0], cmd, os.environ if env is None else env,
+                                     file_actions=list(actions)))
+        for sig in early:
+            os.kill(child[0], sig)
+        _, status = os.waitpid(child[0], 0)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
         128 + os.WTERMSIG(status)
 

@@ -98,10 +98,13 @@ def world():
     os.mkfifo(d / "dev" / "fifo")
     make_node(d / "outside", "secret", "c", 1, 5, mode=0o600)
     (d / "dev" / "escape").symlink_to("../outside")
-    for state in ("state", "state-crash"):
+    for state in ("state", "state-crash", "state-timeout"):
         (d / state).mkdir(mode=0o700)
-    for state in ("state", "state-crash"):
-        (d / f"broker-{state}.toml").write_text(CONFIG.format(root=d, state=state))
+        config = CONFIG.format(root=d, state=state)
+        if state == "state-timeout":
+            config = config.replace("leases.journal\"\n",
+                                    "leases.journal\"\nlease_timeout_s = 0.5\n")
+        (d / f"broker-{state}.toml").write_text(config)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -367,6 +370,51 @@ def test_a_broker_killed_during_a_lease_restores_it_when_restarted(world, alice)
             b.terminate()
             b.wait(timeout=10)
     assert owner(path) == before
+
+
+def test_chown_with_a_command_stops_it_before_it_gives_the_node_back(bus, broker, world,
+                                                                     alice):
+    # SIGTERM to `privbroker chown PATH -- CMD` (timeout(1), systemd, kill)
+    # goes to CMD, and the lease is released once CMD is done: the device is
+    # not given back while the command that has it runs on
+    path = str(world / "dev" / "ttyACM0")
+    before = owner(path)
+    p = popen_as(alice.uid, alice.gid, alice.groups,
+                 [*CLIENT, "--bus-address", bus.address, "chown", path, "--", sys.executable,
+                  "-c", "import os, signal, time; print(os.getpid(), flush=True);"
+                        "signal.signal(signal.SIGTERM, lambda *a: os._exit(9)); time.sleep(60)"],
+                 env=bus.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        command = int(p.stdout.readline())
+        assert owner(path)[0] == alice.uid
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 9, p.stderr.read()     # the command's own status
+        assert not os.path.exists(f"/proc/{command}")
+        assert owner(path) == before
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    r = cli(bus, alice, "chown", path, "--", "sh", "-c", "kill -9 $$")
+    assert r.returncode == 128 + signal.SIGKILL, r.stderr     # as `open` and `run` say it
+
+
+def test_a_lease_that_ended_first_keeps_the_commands_status(world, alice):
+    # lease_timeout_s = 0.5: the lease ends while the command runs, and the
+    # CLI's release finds nothing; that is not the command's failure
+    path = str(world / "dev" / "ttyACM0")
+    assert wait_for(lambda: owner(path)[0] != alice.uid), "an earlier lease was not restored"
+    before = owner(path)
+    with PrivateBus() as bus2:
+        b = start_broker(bus2, world / "broker-state-timeout.toml", world / "broker-timeout.log")
+        try:
+            r = cli(bus2, alice, "chown", path, "--", "sh", "-c", "sleep 1.5; exit 7")
+            assert r.returncode == 7, r.stderr
+            assert "had already ended" in r.stderr, r.stderr
+            assert owner(path) == before
+        finally:
+            b.terminate()
+            b.wait(timeout=10)
 
 
 def test_busctl_check_path_access(bus, broker, world):
