@@ -94,6 +94,10 @@ class BrokerService:
         self.stores = stores            # daemon_store.DaemonStoreFront
         self.devices = devices          # devices.core.DeviceCore
         self._outcomes: dict[int, dict] = {}   # id(msg) -> the device core's log fields
+        # id(msg) -> who sent it, as identified for the call: its decision
+        # line names the caller even when the name is gone by then (the
+        # cache forgets a name at NameOwnerChanged)
+        self._identified: dict[int, object] = {}
         self.callers = Callers(bus)
         self.features = features
         self.status = Status()          # status properties; cores register counts
@@ -176,7 +180,9 @@ class BrokerService:
             decided = ("refused", dict(kind=kind, reason=str(e), extra=getattr(e, "info", None)))
             reply = Message.new_error(msg, ERROR_PREFIX + kind, str(e))
         except CallerGone as e:
-            decided = ("gone", dict(reason=str(e)))
+            # what was done before the caller was found gone (a lease taken,
+            # then ended at once) is in the line too
+            decided = ("gone", dict(reason=str(e), extra=self._outcomes.get(id(msg))))
             reply = None
         except Exception as e:       # a bug must not take the broker down
             log.exception("failed %s.%s", msg.interface, msg.member)
@@ -192,6 +198,7 @@ class BrokerService:
         finally:
             self._close_fds(msg)
             self._outcomes.pop(id(msg), None)
+            caller = self._identified.pop(id(msg), None)
         if reply is not None:
             sent = self.bus.send(reply)
             if reply.unix_fds:
@@ -204,11 +211,16 @@ class BrokerService:
                     _close_all(fds)
                 else:
                     sent.add_done_callback(lambda _f: _close_all(fds))
-        self._decided(msg, decided[0], **decided[1])
+        self._decided(msg, decided[0], caller=caller, **decided[1])
+
+    async def _identify(self, msg: Message):
+        caller = await self.callers.identify(msg.sender)
+        self._identified[id(msg)] = caller
+        return caller
 
     def _decided(self, msg: Message, verdict: str, kind: str | None = None,
                  reason: str | None = None, reply: Message | None = None,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, caller=None) -> None:
         """One log line per decision on the interface's methods (property
         reads and introspection only at debug), and the refusal counters."""
         if kind and verdict == "refused":
@@ -225,7 +237,7 @@ class BrokerService:
         if extra:                     # what the device core decided and did
             result = {**(result or {}), **extra}
         logs.decision(level, msg.member or "?", verdict,
-                      caller=self.callers.cache.get(msg.sender), sender=msg.sender,
+                      caller=caller or self.callers.cache.get(msg.sender), sender=msg.sender,
                       args=logs.summarize(msg.member, msg.body,
                                           self.arg_names.get(msg.member, [])),
                       kind=kind, result=result, reason=reason)
@@ -241,7 +253,7 @@ class BrokerService:
 
     # -- methods ------------------------------------------------------------------
     async def launch(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         profile, argv, env, fd_map, options = msg.body
         fds = {}
         for child_fd, index in fd_map.items():
@@ -253,13 +265,13 @@ class BrokerService:
         return Message.new_method_return(msg, "su", [jail.jail_id, jail.pid])
 
     async def signal(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         jail_id, sig = msg.body
         await self.core.signal(caller, jail_id, sig)
         return Message.new_method_return(msg)
 
     async def list_jails(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         jails = self.core.list(caller)
         stats = await asyncio.gather(*(self.core.stats(j) for j in jails))
         body = [[j.jail_id, j.pid, {"profile": Variant("s", j.profile),
@@ -270,7 +282,7 @@ class BrokerService:
         return Message.new_method_return(msg, "a(sua{sv})", [body])
 
     async def mount_daemon_store(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         daemon, user_hash = msg.body
         changed = await self.stores.mount(caller, daemon, user_hash)
         log.info("daemon store %s of %s: %s for %s", daemon, user_hash,
@@ -279,7 +291,7 @@ class BrokerService:
         return Message.new_method_return(msg)
 
     async def unmount_daemon_store(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         daemon, user_hash = msg.body
         changed = await self.stores.unmount(caller, daemon, user_hash)
         log.info("daemon store %s of %s: %s for %s", daemon, user_hash,
@@ -289,17 +301,17 @@ class BrokerService:
 
     # -- devices (broker/devices: the rules decide, the core logs) ------------------
     async def open_path(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         fd, self._outcomes[id(msg)] = self.devices.open_path(caller, msg.body[0])
         return Message.new_method_return(msg, "h", [0], unix_fds=[fd])
 
     async def check_path_access(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         ok, self._outcomes[id(msg)] = self.devices.check_path_access(caller, msg.body[0])
         return Message.new_method_return(msg, "b", [ok])
 
     async def chown_device(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         lease_id, self._outcomes[id(msg)] = self.devices.chown_device(caller, msg.body[0])
         # A caller that vanished while it was being identified had its
         # NameOwnerChanged handled before the lease existed: ask the bus now
@@ -314,7 +326,7 @@ class BrokerService:
         return Message.new_method_return(msg, "s", [lease_id])
 
     async def release_device(self, msg: Message) -> Message:
-        caller = await self.callers.identify(msg.sender)
+        caller = await self._identify(msg)
         self._outcomes[id(msg)] = self.devices.release_device(caller, msg.body[0])
         return Message.new_method_return(msg)
 

@@ -444,3 +444,55 @@ def test_every_decision_is_one_log_line_naming_the_rule(world, broker, alice):
     assert sum("decision method=ChownDevice" in x for x in lines) >= 4
     assert any("device lease" in x and "the caller disconnected; restored" in x for x in lines)
     assert not any(" device OpenPath" in x for x in lines)          # no second line
+
+
+# Sends ChownDevice and leaves at once, or after a moment: many times.
+CHURN = r"""
+import asyncio, random, sys
+from dbus_fast import BusType, Message
+from dbus_fast.aio import MessageBus
+
+async def main(address, n, paths):
+    rnd = random.Random(7)
+    for _ in range(n):
+        bus = await MessageBus(bus_address=address, bus_type=BusType.SYSTEM).connect()
+        bus.send(Message(destination="org.privbroker.Broker1", path="/org/privbroker/Broker1",
+                         interface="org.privbroker.Broker1", member="ChownDevice",
+                         signature="s", body=[rnd.choice(paths)]))
+        await asyncio.sleep(rnd.choice([0, 0, 0.0005, 0.001, 0.002, 0.004]))
+        bus.disconnect()
+        await bus.wait_for_disconnect()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3:]))
+"""
+
+
+def test_callers_that_leave_mid_call_keep_no_lease_and_are_named_in_the_log(world, alice):
+    # A caller gone while its ChownDevice is served: its lease must end (the
+    # NameHasOwner check in service.chown_device), and every decision line
+    # must still say who asked (the name is forgotten when it goes)
+    paths = [str(world / "dev" / "ttyACM0"), str(world / "dev" / "hidraw0")]
+    assert wait_for(lambda: owner(paths[0])[0] != alice.uid), "an earlier lease was not restored"
+    before = {p: owner(p) for p in paths}
+    log = world / "broker-churn.log"
+    with PrivateBus() as bus2:
+        b = start_broker(bus2, world / "broker-state-crash.toml", log)
+        try:
+            r = alice.run([sys.executable, "-c", CHURN, bus2.address, "200", *paths],
+                          env=bus2.env(), cwd=ROOT, timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert wait_for(lambda: {p: owner(p) for p in paths} == before), \
+                {p: owner(p) for p in paths}
+            from client import Broker
+            with Broker(bus2.address) as c:
+                assert wait_for(lambda: c.properties()["LeasesHeld"] == 0)
+        finally:
+            b.terminate()
+            b.wait(timeout=10)
+    lines = [x for x in log.read_text().splitlines() if "decision method=ChownDevice" in x]
+    assert len(lines) >= 100, len(lines)       # some calls never reached the broker
+    # a caller gone before the bus could say who it was cannot be named;
+    # one that was identified (and got as far as a lease) must be
+    identified = [x for x in lines if "verdict=allowed" in x or " lease=" in x]
+    assert identified and all(f"uid={alice.uid}" in x for x in identified), \
+        [x for x in identified if f"uid={alice.uid}" not in x][:3]
