@@ -9,8 +9,9 @@
     privbroker chown PATH [-- CMD [ARGS...]]
         Lease PATH to your uid.  With CMD: hold the lease while it runs, then
         release, and exit with its status (128+signal if a signal ended it;
-        SIGINT, SIGTERM and SIGHUP sent to us go to CMD, as for `open`; a
-        lease that ended first, by its timeout, is only reported).
+        SIGTERM, SIGINT and SIGHUP sent to us go to CMD, as for `open`,
+        except those a terminal sends CMD itself; a lease that ended first,
+        by its timeout, is only reported).
         Without: print the lease id and hold it until SIGINT/SIGTERM/SIGHUP.
         The lease also ends when this program exits or dies (the broker sees
         its connection go), and the broker restores the node.
@@ -102,31 +103,58 @@ def _spawn_with_fd(cmd: list[str], fd: int, target: int) -> int:
 
 
 def _spawn(cmd: list[str], env=None, actions=()) -> int:
-    """Run cmd and wait for it; its exit status, or 128+signal.  SIGINT,
-    SIGTERM and SIGHUP sent to us go to it, and we wait on: the device is
-    given back only once the command that has it is done."""
-    child: list[int] = []
+    """Run cmd and wait for it; its exit status, or 128+signal.  SIGTERM,
+    and SIGINT and SIGHUP unless a terminal sends them to cmd itself, go to
+    it while we wait on: the device is given back only once the command that
+    has it is done."""
+    pidfd: list[int] = []           # signalled through a pidfd: never a recycled pid
     early: list[int] = []           # signals that came before the child did
+    shared = _terminal_signals_reach_cmd()
 
     def forward(sig, _frame):
-        if child:
-            os.kill(child[0], sig)
-        else:
+        if sig in shared:
+            return                  # the terminal sent cmd its own copy
+        if not pidfd:
             early.append(sig)
+            return
+        try:
+            signal.pidfd_send_signal(pidfd[0], sig)
+        except OSError:
+            pass                    # it has ended, or is not ours to signal (setuid)
 
     before = {sig: signal.signal(sig, forward)
               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        child.append(os.posix_spawnp(cmd[0], cmd, os.environ if env is None else env,
-                                     file_actions=list(actions)))
+        pid = os.posix_spawnp(cmd[0], cmd, os.environ if env is None else env,
+                              file_actions=list(actions))
+        pidfd.append(os.pidfd_open(pid))
         for sig in early:
-            os.kill(child[0], sig)
-        _, status = os.waitpid(child[0], 0)
+            forward(sig, None)
+        _, status = os.waitpid(pid, 0)
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+        if pidfd:
+            os.close(pidfd[0])
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else \
         128 + os.WTERMSIG(status)
+
+
+def _terminal_signals_reach_cmd() -> frozenset:
+    """The signals a terminal sends the whole foreground process group,
+    when that is ours (cmd is in it too): Ctrl-C and a hangup reach cmd
+    without us, and must not reach it twice."""
+    try:
+        tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return frozenset()
+    try:
+        foreground = os.tcgetpgrp(tty) == os.getpgrp()
+    except OSError:
+        foreground = False
+    finally:
+        os.close(tty)
+    return frozenset({signal.SIGINT, signal.SIGHUP}) if foreground else frozenset()
 
 
 def _wait_for_signal() -> None:

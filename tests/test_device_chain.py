@@ -83,11 +83,19 @@ def test_access_is_the_union_of_what_the_allowing_rules_grant(grants, access, lo
 
 def test_only_allow_answers_grant_access():
     # a conditional verdict qualifies an allow; what it would grant is not asked
-    d = chain.decide((Grants("r", READ), Grants("l", READ_WRITE, LOCKDOWN)), DEV)
-    assert d.verdict is LOCKDOWN and d.access == READ
+    d = chain.decide((Grants("r", READ_WRITE), Grants("l", READ, LOCKDOWN)), DEV)
+    assert d.verdict is LOCKDOWN and d.access == READ_WRITE
     # a rule that DENYs or IGNOREs grants nothing either
     d = chain.decide((Grants("r", READ), Grants("i", READ_WRITE, IGNORE)), DEV)
     assert d.access == READ
+
+
+@pytest.mark.parametrize("qualifier", [LOCKDOWN, DETACH])
+def test_lockdown_or_detach_on_less_than_read_write_denies(qualifier):
+    # the usbfs ioctls need a read-write fd: CheckPathAccess must not say
+    # yes to what OpenPath could not do
+    d = chain.decide((Grants("r", READ), Grants("q", READ_WRITE, qualifier)), DEV)
+    assert d.verdict is DENY and "needs a read-write fd" in d.explain()
 
 
 def test_an_allow_that_grants_nothing_denies():

@@ -381,8 +381,9 @@ def test_chown_with_a_command_stops_it_before_it_gives_the_node_back(bus, broker
     before = owner(path)
     p = popen_as(alice.uid, alice.gid, alice.groups,
                  [*CLIENT, "--bus-address", bus.address, "chown", path, "--", sys.executable,
-                  "-c", "import os, signal, time; print(os.getpid(), flush=True);"
-                        "signal.signal(signal.SIGTERM, lambda *a: os._exit(9)); time.sleep(60)"],
+                  "-c", "import os, signal, time;"
+                        "signal.signal(signal.SIGTERM, lambda *a: os._exit(9));"
+                        "print(os.getpid(), flush=True); time.sleep(60)"],
                  env=bus.env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         command = int(p.stdout.readline())

@@ -101,6 +101,12 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
         return Decision(DENY, first_allow, answers,
                         reason=f"rule {first_allow.name!r} allowed no access (denied)")
     verdict = LOCKDOWN if lockdown else DETACH if detach else ALLOW
+    if verdict is not ALLOW and access != READ_WRITE:
+        # usbfs takes its ioctls (lockdown's, detach's) on a read-write fd
+        # only: a grant of less cannot be carried out, so it is no grant
+        return Decision(DENY, first_allow, answers,
+                        reason=f"{verdict.value} needs a read-write fd, and the allowing "
+                               f"rules grant {ACCESS_NAMES[access & READ_WRITE]} (denied)")
     return Decision(verdict, first_allow, answers, access=access & READ_WRITE)
 
 

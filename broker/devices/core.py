@@ -13,8 +13,10 @@ back an fd, a bool or a lease id (with `info`, below), or a DeviceError.  For ea
                   root later is not seen before the broker restarts;
   3. record     - the udev record of the device number fstat gave (record);
   4. rules      - the chain's decision (chain), naming the deciding rule;
-  5. action     - open (O_RDWR, O_RDONLY if the rule allows the fallback),
-                  then lockdown/detach as the verdict says; or the lease.
+  5. action     - open (O_RDWR, O_RDONLY if the rule allows the fallback;
+                  O_RDONLY or O_WRONLY when that is all the allowing rules
+                  grant), then lockdown/detach as the verdict says; or the
+                  lease (refused for a grant of less than read-write).
 
 Each operation returns its result with `info`, a dict for the request's one
 log line (the service's decision line, broker/logs.py): the verdict, the
@@ -358,11 +360,7 @@ class DeviceCore:
             fd = safe_open.reopen(node.fd, flags, self._own_fd_dir(), node.open_may_wait)
         except OSError as e:
             raise DeviceError("Failed", f"{path!r}: open: {e.strerror}") from None
-        if decision.verdict in (LOCKDOWN, DETACH):
-            # never so today (the USB rules grant both); refused, not skipped
-            os.close(fd)
-            raise DeviceError("Failed", f"{path!r}: {decision.verdict.value} needs a "
-                                        f"read-write fd; the fd was not handed out")
+        # never with lockdown or detach: the chain denies those (chain.py)
         return fd, (f"opened {'O_RDONLY' if flags == os.O_RDONLY else 'O_WRONLY'} "
                     f"({decision.log_fields['access']}, as the allowing rules grant)")
 

@@ -118,8 +118,9 @@ class Journal:
         self.owner, self.group = uid, gid
 
     def hold_exclusively(self, wait_s: float = 2.0) -> int:
-        """Lock `<journal>.lock` for this process's life (and its front's,
-        which inherits the fd), or raise JournalError.  Two brokers on one
+        """Lock `<journal>.lock` through the replay and, in the front (which
+        inherits the fd; the launcher closes its copy), for as long as the
+        journal is written; or raise JournalError.  Two brokers on one
         journal would undo each other: the second one's replay restores the
         first one's live leases, and its rewrite leaves the first appending
         to a deleted file, so those leases are lost at the next crash.
