@@ -101,4 +101,21 @@ def test_lockdown_or_detach_on_less_than_read_write_denies(qualifier):
 def test_an_allow_that_grants_nothing_denies():
     d = chain.decide((Grants("broken", 0),), DEV)
     assert d.verdict is DENY and not d.allowed
-    assert "allowed no access" in d.explain()
+    assert "grant neither read nor write" in d.explain()
+
+
+def test_access_is_asked_only_while_it_can_add_something():
+    # an ACL read makes a decision unrememberable: allow_group's access()
+    # is not asked once an earlier rule granted read-write
+    asked = []
+
+    class Counting(Grants):
+        def access(self, dev):
+            asked.append(self.name)
+            return self.granted
+
+    d = chain.decide((Counting("rw", READ_WRITE), Counting("r", READ)), DEV)
+    assert d.access == READ_WRITE and asked == ["rw"]
+    asked.clear()
+    d = chain.decide((Counting("r", READ), Counting("w", WRITE)), DEV)
+    assert d.access == READ_WRITE and asked == ["r", "w"]

@@ -8,6 +8,7 @@ import gc
 import grp
 import logging
 import os
+import struct
 import subprocess
 import sys
 import tomllib
@@ -214,6 +215,41 @@ def test_a_group_allowed_write_only_gets_a_write_only_fd(tmp_path):
     finally:
         os.close(fd)
     assert info["access"] == "write only", info
+
+
+def _acl(group_obj: int, mask: int, user: int = 1000) -> bytes:
+    """system.posix_acl_access bytes: u::rw-, u:<user>:rw-, g::<group_obj>,
+    m::<mask>, o::---."""
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 6, user), (0x04, group_obj, 0xFFFFFFFF),
+               (0x10, mask, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_a_group_allowed_read_only_by_its_acl_entry_gets_read_only(tmp_path):
+    # logind's uaccess gives the seat's user rw through an ACL: the mode's
+    # group bits become the ACL's mask (0660 here), while plugdev's own
+    # entry still says r--.  Decided afresh each time: setfacl changes the
+    # group entry with no change of mode and no uevent.
+    import fcntl
+    path = make(tmp_path, "pbgadget", gid=PLUGDEV, mode=0o640)
+    os.setxattr(path, "system.posix_acl_access", _acl(group_obj=4, mask=6))
+    assert os.stat(path).st_mode & 0o777 == 0o660            # the mask shows as group bits
+    c = core(tmp_path)
+    fd, info = c.open_path(Caller(), path)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY, info
+    finally:
+        os.close(fd)
+    assert info["access"] == "read only"
+    os.setxattr(path, "system.posix_acl_access", _acl(group_obj=6, mask=6))   # g::rw-
+    assert os.stat(path).st_mode & 0o777 == 0o660            # the mode did not change
+    fd, info = c.open_path(Caller(), path)
+    os.close(fd)
+    assert info["done"] == "opened O_RDWR" and "access" not in info, info
+    os.setxattr(path, "system.posix_acl_access", _acl(group_obj=6, mask=4))   # m::r--
+    fd, info = c.open_path(Caller(), path)
+    os.close(fd)
+    assert info["access"] == "read only", info
 
 
 def test_a_node_its_group_may_not_use_is_not_the_group_rules(tmp_path):

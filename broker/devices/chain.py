@@ -85,7 +85,8 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
             first_deny = rule
         elif verdict is ALLOW:
             first_allow = first_allow or rule
-            access |= rule.access(dev)
+            if access != READ_WRITE:        # asked only while it can add something
+                access |= rule.access(dev)
         elif verdict is LOCKDOWN:
             lockdown = True
         elif verdict is DETACH:
@@ -99,7 +100,8 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
         # An ALLOW that grants neither read nor write is a rule's bug; it
         # denies rather than fall back to anything wider.
         return Decision(DENY, first_allow, answers,
-                        reason=f"rule {first_allow.name!r} allowed no access (denied)")
+                        reason=f"the allowing rules ({first_allow.name!r} first) grant neither "
+                               f"read nor write (denied)")
     verdict = LOCKDOWN if lockdown else DETACH if detach else ALLOW
     if verdict is not ALLOW and access != READ_WRITE:
         # usbfs takes its ioctls (lockdown's, detach's) on a read-write fd

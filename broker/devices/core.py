@@ -56,7 +56,7 @@ import weakref
 from . import chain, safe_open, usbdevfs
 from .config import DevicesConfig
 from .errors import DeviceError, denied
-from .leases import LeaseManager
+from .leases import LeaseManager, read_acl
 from .record import UdevReader
 from .uevents import UeventMonitor
 from .rules import DETACH, LOCKDOWN, Device
@@ -268,7 +268,8 @@ class DeviceCore:
             decision = self._decisions.get(key)
             if decision is None:
                 self.reader.live = self.reader.unannounced = False
-                decision = chain.decide(self.config.rules, Device(path, st, record))
+                decision = chain.decide(self.config.rules, Device(
+                    path, st, record, node_acl=lambda: self._node_acl(node)))
                 if self._may_remember():
                     _remember(self._decisions, key, decision)
             if self._decisions.get(key) is decision and self._quiet_since_decided(record):
@@ -277,6 +278,17 @@ class DeviceCore:
         except BaseException:
             node.close()
             raise
+
+    def _node_acl(self, node) -> bytes | None:
+        """The node's access ACL, for a rule that asks (allow_group).  An ACL
+        changes with no uevent, and its group entry with no change of mode
+        (setfacl, logind's uaccess): a decision that read it is made afresh
+        every time."""
+        self.reader.live = self.reader.unannounced = True
+        try:
+            return read_acl(node.fd)
+        except OSError:
+            return b""          # unreadable: grants nothing (acl_group_obj)
 
     def _quiet_since_decided(self, record) -> bool:
         """Until the next uevent, may requests for this node skip sysfs and

@@ -13,6 +13,7 @@ import enum
 import grp
 import os
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -41,17 +42,43 @@ READ, WRITE = 0o4, 0o2
 READ_WRITE = READ | WRITE
 
 
+def _no_acl() -> bytes | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Device:
     """What a rule sees: the path as asked, the node's stat (from the fd the
-    broker opened) and the udev record of the device number in that stat."""
+    broker opened) and the udev record of the device number in that stat;
+    and, asked for only by a rule that needs it, the node's access ACL
+    (node_acl: its system.posix_acl_access bytes, None if it has none)."""
     path: str
     st: os.stat_result
     record: DeviceRecord
+    node_acl: Callable[[], bytes | None] = _no_acl
 
     @property
     def gid(self) -> int:
         return self.st.st_gid
+
+
+# -- POSIX ACLs (the xattr's layout: <linux/posix_acl_xattr.h>) ---------------------
+ACL_XATTR_VERSION = 2
+ACL_GROUP_OBJ = 0x04
+_ACL_HEADER, _ACL_ENTRY = struct.Struct("<I"), struct.Struct("<HHI")   # tag, perm, id
+
+
+def acl_group_obj(acl: bytes) -> int:
+    """The owning group's entry (rwx as 0o7) of an access ACL; 0 if the
+    bytes are not a well-formed ACL (no access from what cannot be read)."""
+    body = acl[_ACL_HEADER.size:]
+    if (len(acl) < _ACL_HEADER.size or _ACL_HEADER.unpack_from(acl)[0] != ACL_XATTR_VERSION
+            or len(body) % _ACL_ENTRY.size):
+        return 0
+    for tag, perm, _id in _ACL_ENTRY.iter_unpack(body):
+        if tag == ACL_GROUP_OBJ:
+            return perm & 0o7
+    return 0
 
 
 class RuleConfigError(ValueError):
