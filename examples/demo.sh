@@ -15,10 +15,18 @@ import os, subprocess, sys, time
 sys.path.insert(0, "$TOP/tests")
 from dbus_fixture import PrivateBus
 venv = sys.argv[1]
+import tempfile
+from pathlib import Path
+from dbus_fixture import sample_deployment
+# The sample deployment with a lease journal of its own: an installed
+# privbrokerd's journal is not the demo's to replay (one broker per journal).
+demo = Path(tempfile.mkdtemp(prefix="privbroker-demo-", dir="/var/tmp"))
+os.chmod(demo, 0o755)
+config = str(sample_deployment(demo))
 with PrivateBus() as bus:
     print(f"private system bus at {bus.address} (policy: dbus-policy/)")
     broker = subprocess.Popen([f"{venv}/bin/privbrokerd", "--bus-address", bus.address,
-                               "--config", "examples/broker.toml"])
+                               "--config", config])
     try:
         for _ in range(100):
             if subprocess.run(["busctl", f"--address={bus.address}", "status",
@@ -52,4 +60,6 @@ with PrivateBus() as bus:
     finally:
         broker.terminate()
         broker.wait()
+        import shutil
+        shutil.rmtree(demo, ignore_errors=True)
 PY

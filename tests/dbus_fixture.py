@@ -401,6 +401,26 @@ def extract_dropin_example(conf_text: str) -> str:
 BROKER_NAME = "org.privbroker.Broker1"
 
 
+SAMPLE_JOURNAL = 'journal = "/var/lib/privbroker/device-leases.journal"'
+
+
+def sample_policy(d: Path) -> str:
+    """examples/broker.toml with its lease journal under d: one broker per
+    journal (a second one exits), and a test's broker must neither wait for
+    nor replay an installed privbrokerd's journal."""
+    toml = (ROOT / "examples" / "broker.toml").read_text()
+    assert SAMPLE_JOURNAL in toml, "examples/broker.toml's journal line changed"
+    return toml.replace(SAMPLE_JOURNAL, f'journal = "{d}/state/device-leases.journal"')
+
+
+def sample_deployment(d: Path) -> Path:
+    """The sample deployment (examples/broker.toml and its profiles) in d,
+    with a journal of its own (sample_policy); returns the config's path."""
+    shutil.copytree(ROOT / "examples" / "profiles", d / "profiles")
+    (d / "broker.toml").write_text(sample_policy(d))
+    return d / "broker.toml"
+
+
 def start_broker(bus: "PrivateBus", config, log, wrap=None, args: Sequence[str] = (),
                  timeout: float = 15) -> subprocess.Popen:
     """privbrokerd on `bus` with `config`, its log appended to the file `log`

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import JAIL_PYTHON, PROBE, ROOT, processes_with
-from dbus_fixture import NOBODY_UID, NOGROUP_GID, ThrowawayUser, granted_bus, start_broker, stop_broker
+from dbus_fixture import (NOBODY_UID, NOGROUP_GID, ThrowawayUser, granted_bus, sample_policy,
+                          start_broker, stop_broker)
 
 VENV_BIN = Path(sys.executable).parent
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -31,7 +32,7 @@ def deployment():
     shutil.copytree(ROOT / "examples" / "profiles", d / "profiles")
     # The sample policy, with a launch rate the leak test does not trip over,
     # and a grant naming a profile whose file is missing.
-    toml = (ROOT / "examples" / "broker.toml").read_text()
+    toml = sample_policy(d)
     toml = toml.replace("launches_per_second = 20", "launches_per_second = 1000")
     toml = toml.replace("calls_per_second = 200", "calls_per_second = 100000")
     toml += ('\n[[grant]]\nname = "root-extra"\nusers = ["root"]\n'

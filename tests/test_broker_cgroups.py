@@ -15,7 +15,7 @@ import pytest
 
 from broker.jail import cgroups
 from conftest import JAIL_PYTHON, ROOT, processes_with
-from dbus_fixture import granted_bus, start_broker, stop_broker
+from dbus_fixture import granted_bus, sample_policy, start_broker, stop_broker
 from test_cgroups import ESCAPE, alive, cgroup_dirs
 
 CLIENT = [sys.executable, "-m", "client.cli"]
@@ -57,7 +57,7 @@ def deployment():
     (d / "profiles" / "hostpid.conf").write_text(HOSTPID)
     (d / "profiles" / "badparent.conf").write_text(
         "% minijail-config-file v0\np\nn\nc = 0\ncgroup-parent = /pbt-no-such-parent\n")
-    toml = (ROOT / "examples" / "broker.toml").read_text()
+    toml = sample_policy(d)
     toml = toml.replace("launches_per_second = 20", "launches_per_second = 1000")
     toml = toml.replace("calls_per_second = 200", "calls_per_second = 100000")
     toml += ('\n[[grant]]\nname = "cgroup-tests"\nusers = ["root"]\n'

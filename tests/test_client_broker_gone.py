@@ -6,21 +6,33 @@ in the VM, tests/test_vm_systemd.py: `privbroker run` hung after
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import granted_bus, start_broker
+from dbus_fixture import granted_bus, sample_deployment, start_broker
 
 
 @pytest.fixture
 def bus():
     with granted_bus() as b:
         yield b
+
+
+@pytest.fixture
+def deployment():
+    """The sample deployment in a directory the front's user can reach."""
+    d = Path(tempfile.mkdtemp(prefix="privbroker-gone-", dir="/var/tmp"))
+    os.chmod(d, 0o755)
+    yield sample_deployment(d)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def jailed_sleep(seconds: str) -> list[int]:
@@ -37,8 +49,9 @@ def jailed_sleep(seconds: str) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "crashed"])
-def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig, tmp_path):
-    broker = start_broker(bus, ROOT / "examples" / "broker.toml", tmp_path / "broker.log")
+def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig, tmp_path,
+                                                               deployment):
+    broker = start_broker(bus, deployment, tmp_path / "broker.log")
     seconds = f"1000.{time.monotonic_ns() % 10**9}"      # names this jail's sleep
     client = subprocess.Popen([sys.executable, "-m", "client.cli", "--bus-address", bus.address,
                                "run", "minimal", "--", "/bin/sleep", seconds], cwd=ROOT,
@@ -63,7 +76,8 @@ def test_waiting_for_a_jail_ends_when_the_broker_leaves_the_bus(bus, sig, tmp_pa
     assert "the broker left the bus" in err and "NameHasNoOwner" in err, err
 
 
-def test_a_client_goes_on_with_the_broker_that_replaced_the_one_it_met(bus, tmp_path):
+def test_a_client_goes_on_with_the_broker_that_replaced_the_one_it_met(bus, tmp_path,
+                                                                       deployment):
     """A long-lived client (a session manager) outlives a broker restart: its
     calls reach the new broker by name, and the new broker's Exited (from
     another unique name) ends its waits too."""
@@ -71,7 +85,7 @@ def test_a_client_goes_on_with_the_broker_that_replaced_the_one_it_met(bus, tmp_
 
     from client import AsyncBroker
     from dbus_fixture import stop_broker
-    config, log = ROOT / "examples" / "broker.toml", tmp_path / "broker.log"
+    config, log = deployment, tmp_path / "broker.log"
     null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     brokers = [start_broker(bus, config, log)]
 

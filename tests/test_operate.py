@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from dbus_fixture import granted_bus
+from dbus_fixture import granted_bus, sample_deployment
 
 BUS_NAME = "org.privbroker.Broker1"
 OBJ = "/org/privbroker/Broker1"
@@ -34,8 +34,7 @@ CAP_SYS_PTRACE = 19
 def deployment():
     d = Path(tempfile.mkdtemp(prefix="privbroker-operate-", dir="/var/tmp"))
     os.chmod(d, 0o755)
-    shutil.copytree(ROOT / "examples" / "profiles", d / "profiles")
-    shutil.copy(ROOT / "examples" / "broker.toml", d / "broker.toml")
+    sample_deployment(d)
     hidden = d / "hidden"               # covered by a tmpfs in the front's namespace
     hidden.mkdir()
     (hidden / "marker").write_text("host view\n")
