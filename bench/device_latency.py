@@ -12,8 +12,9 @@
   open-usb    OpenPath(<dev>/bus/usb/001/003): an allow-listed USB gadget
               (tests/devices/usb.umockdev, node cloned from /dev/null); its
               decision reads the interfaces' drivers and finds one free,
-              which a usbfs claim could change unannounced: it is made
-              afresh for every call (broker/devices/record.py)
+              which a usbfs claim could change unannounced: it is reused
+              after a readlink of that interface's driver link
+              (broker/devices/record.py)
   check       CheckPathAccess of the same hidraw node (the decision, no open)
   bare, bare-fd  a minimal dbus-fast service on the same bus (not the broker):
               Noop() and NoopFd() -> h (a dup of an fd it holds); their

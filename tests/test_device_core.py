@@ -497,9 +497,11 @@ def _claim_through_usbfs(tmp_path, sysname: str) -> None:
     os.symlink("../../../../../../bus/usb/drivers/usbfs", f"{iface}/driver")
 
 
-def test_a_decision_that_saw_a_free_interface_is_not_remembered(tmp_path, monkeypatch):
+def test_a_decision_that_saw_a_free_interface_is_rechecked_before_reuse(tmp_path,
+                                                                        monkeypatch):
     # Another program may claim a free interface through usbfs at any time,
-    # unannounced: a decision that read one is made again at every request.
+    # unannounced: a decision that read one is reused only while that
+    # interface's driver link still says what it said.
     from broker.devices import chain
     calls = []
     real = chain.decide
@@ -509,10 +511,17 @@ def test_a_decision_that_saw_a_free_interface_is_not_remembered(tmp_path, monkey
     c = core(tmp_path)
     assert c.check_path_access(Caller(), usb)[0] and c.uevents.watching
     assert c.check_path_access(Caller(), usb)[0]
-    assert len(calls) == 2
+    assert len(calls) == 1                                 # remembered, rechecked
     _claim_through_usbfs(tmp_path, "1-4:1.1")             # no uevent
     with pytest.raises(DeviceError, match="deny_claimed_usb"):   # nothing free is left
         c.open_path(Caller(), usb)
+    assert len(calls) == 2
+    with pytest.raises(DeviceError, match="deny_claimed_usb"):
+        c.open_path(Caller(), usb)
+    assert len(calls) == 2                                 # the DENY is remembered too
+    iface = os.path.realpath(tmp_path / "sys/dev/char/1:5") + "/1-4:1.1"
+    os.unlink(f"{iface}/driver")                           # released, no uevent either
+    assert c.check_path_access(Caller(), usb)[0] and len(calls) == 3
 
 
 def test_lockdown_leaves_another_programs_usbfs_claim_out_of_the_mask(tmp_path):

@@ -149,21 +149,22 @@ def test_what_is_not_there_yet_is_read_again(tmp_path):
     assert reader.at(str(d)).attribute_hex("bInterfaceClass") == 9
 
 
-def test_a_free_or_usbfs_held_usb_interface_is_unannounced(tmp_path):
+def test_a_free_or_usbfs_held_usb_interface_is_read_again_before_reuse(tmp_path):
     # a usbfs claim or release comes with no uevent: a decision that read
-    # such an interface's driver must not be remembered (record.py)
+    # such an interface's driver notes the read, to be repeated (record.py)
     tree = sample(tmp_path)
     reader = UdevReader(str(tree.sys), str(tree.udev_data))
     dev = reader.for_devnum("c", 189, 4)                  # 1-4: usbhid on 1.0, 1.1 free
     assert dev is not None and dev.sysname == "1-4"
     held, free = sorted((c for c in dev.children() if c.devtype == "usb_interface"),
                         key=lambda c: c.sysname)
-    reader.unannounced = False
-    assert held.driver == "usbhid" and not reader.unannounced
-    assert free.driver is None and reader.unannounced
-    reader.unannounced = False
+    reader.rechecks = []
+    assert held.driver == "usbhid" and reader.rechecks == []   # a kernel driver: announced
+    assert free.driver is None and reader.rechecks == [(free, None)]
     os.makedirs(tree.sys / "bus/usb/drivers/usbfs", exist_ok=True)
     os.symlink(os.path.relpath(tree.sys / "bus/usb/drivers/usbfs", free.syspath),
                f"{free.syspath}/driver")
+    assert free.driver is None and free.driver_now() == "usbfs"   # kept until refresh
     free.refresh()
-    assert free.driver == "usbfs" and reader.unannounced
+    reader.rechecks = []
+    assert free.driver == "usbfs" and reader.rechecks == [(free, "usbfs")]

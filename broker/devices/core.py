@@ -31,7 +31,9 @@ did read: the path, the node's owner, group and mode, the device instance
 USB device's decision reads its interfaces and their drivers, which change
 without a new instance: it is remembered only while the kernel's uevents are
 watched (uevents.py), and every remembered decision is forgotten as soon as
-any uevent arrives.  Decisions that read what the kernel does not announce
+any uevent arrives.  Where it saw an interface free, or held through usbfs
+(claims no uevent announces), it is used again only after a readlink of each
+such interface's driver link gives what it gave (`rechecks`, record.py).  Decisions that read what the kernel does not announce
 (udev's database, live attributes: the reader's `unannounced`) are made
 afresh every time.
 
@@ -83,11 +85,13 @@ class DeviceCore:
                                    config.max_leases_per_caller)
         self.use_openat2 = use_openat2
         self.ioctl = ioctl                   # None: fcntl.ioctl
-        self._decisions: dict[tuple, chain.Decision] = {}
+        # key -> (decision, rechecks: the unannounced reads to repeat
+        # before it is used again, record.py)
+        self._decisions: dict[tuple, tuple[chain.Decision, tuple]] = {}
         # (path, node identity, number, mode, owner) -> (one of _decisions'
-        # decisions, node.open_may_wait), while nothing was announced
-        # (_quiet_since_decided)
-        self._by_node: dict[tuple, tuple[chain.Decision, bool]] = {}
+        # decisions, node.open_may_wait, its rechecks), while nothing was
+        # announced (_quiet_since_decided)
+        self._by_node: dict[tuple, tuple[chain.Decision, bool, tuple]] = {}
         self._grants: dict[tuple, bool] = {}  # (uid, gids, op) -> policy.device_grant's answer
         self.uevents: UeventMonitor | None = None   # opened on first use (in the front)
         self._root_fd = -1                   # the dev root, opened on first use (likewise)
@@ -256,8 +260,8 @@ class DeviceCore:
             node_key = (path, st.st_dev, st.st_ino, st.st_rdev, st.st_mode, st.st_uid,
                         st.st_gid)
             remembered = self._by_node.get(node_key)
-            if remembered is not None:
-                decision, node.open_may_wait = remembered
+            if remembered is not None and _still_so(remembered[2]):
+                decision, node.open_may_wait, _ = remembered
                 return node, decision
             record = self.reader.for_stat(st)
             if record is None:
@@ -265,15 +269,18 @@ class DeviceCore:
             node.open_may_wait = record.subsystem not in OPEN_NEVER_WAITS
             key = (path, st.st_rdev, st.st_mode, st.st_uid, st.st_gid, record.syspath,
                    record.ident, record.is_initialized)
-            decision = self._decisions.get(key)
-            if decision is None:
+            entry = self._decisions.get(key)          # (decision, its rechecks)
+            if entry is None or not _still_so(entry[1]):
                 self.reader.live = self.reader.unannounced = False
+                self.reader.rechecks = []
                 decision = chain.decide(self.config.rules, Device(
                     path, st, record, node_acl=lambda: self._node_acl(node)))
+                entry = (decision, tuple(self.reader.rechecks))
                 if self._may_remember():
-                    _remember(self._decisions, key, decision)
-            if self._decisions.get(key) is decision and self._quiet_since_decided(record):
-                _remember(self._by_node, node_key, (decision, node.open_may_wait))
+                    _remember(self._decisions, key, entry)
+            decision, rechecks = entry
+            if self._decisions.get(key) is entry and self._quiet_since_decided(record):
+                _remember(self._by_node, node_key, (decision, node.open_may_wait, rechecks))
             return node, decision
         except BaseException:
             node.close()
@@ -429,6 +436,13 @@ def _why_no_lease(decision: chain.Decision) -> str:
         return (f"allowed {decision.log_fields['access']} (rule {decision.rule_name!r}), "
                 f"which a lease could not hold the caller to")
     return ""
+
+
+def _still_so(rechecks) -> bool:
+    """Do the unannounced reads a remembered decision made (usbfs: a USB
+    interface free, or held through usbfs; record.py) still give the same
+    answers?  One readlink each."""
+    return all(rec.driver_now() == seen for rec, seen in rechecks)
 
 
 def _remember(cache: dict, key: tuple, value, limit: int = DECISION_CACHE) -> None:

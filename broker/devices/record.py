@@ -43,8 +43,9 @@ Of the second kind, the kernel announces changes of drivers, children and
 the uevent file with a uevent (uevents.py); it does not announce udev's
 database (written by udevd after the kernel's event), attributes read
 with attribute_live(), nor a USB interface being claimed or released
-through usbfs (so reading that an interface is free, or held by usbfs, is
-unannounced).  Reading those also sets `unannounced`: such a
+through usbfs: reading that an interface is free, or held by usbfs, is
+noted in `rechecks`, and a decision made on it is reused only while the
+same reads give the same answers.  Reading those also sets `unannounced`: such a
 decision is never reused.
 """
 from __future__ import annotations
@@ -200,9 +201,14 @@ class DeviceRecord:
             # Any program with a usbfs fd may claim a free interface, or
             # release its claim, at any time, and the kernel suppresses the
             # uevents of those binds (drivers/usb/core/devio.c, claimintf and
-            # releaseintf): what a decision read here is not announced.
-            self.reader.unannounced = True
+            # releaseintf): a decision that read this is reused only after
+            # the same read gives the same answer (reader.rechecks, core.py).
+            self.reader.rechecks.append((self, self._driver))
         return self._driver
+
+    def driver_now(self) -> str | None:
+        """The bound driver as the link says at this moment (for rechecks)."""
+        return self._link("driver")
 
     @property
     def devnum(self) -> tuple[str, int, int] | None:
@@ -369,6 +375,9 @@ class UdevReader:
         self._cache: OrderedDict[str, DeviceRecord] = OrderedDict()
         self.live = False       # set by any read of what may change within an instance
         self.unannounced = False  # ... of what changes without a kernel uevent
+        # (record, driver seen): reads of a USB interface's driver that no
+        # uevent would tell us about, to be repeated before a reuse
+        self.rechecks: list[tuple[DeviceRecord, str | None]] = []
 
     def at(self, syspath: str) -> DeviceRecord | None:
         """The record of the device directory at syspath, as it is now."""
