@@ -97,8 +97,9 @@ def decide(rules: tuple[Rule, ...], dev: Device) -> Decision:
     if first_allow is None:
         return Decision(DENY, None, answers)
     if not access & READ_WRITE:
-        # An ALLOW that grants neither read nor write is a rule's bug; it
-        # denies rather than fall back to anything wider.
+        # An ALLOW that grants neither read nor write (allow_group on a node
+        # whose ACL gives its group nothing) is no grant: it denies rather
+        # than fall back to anything wider.
         return Decision(DENY, first_allow, answers,
                         reason=f"the allowing rules ({first_allow.name!r} first) grant neither "
                                f"read nor write (denied)")

@@ -33,9 +33,10 @@ without a new instance: it is remembered only while the kernel's uevents are
 watched (uevents.py), and every remembered decision is forgotten as soon as
 any uevent arrives.  Where it saw an interface free, or held through usbfs
 (claims no uevent announces), it is used again only after a readlink of each
-such interface's driver link gives what it gave (`rechecks`, record.py).  Decisions that read what the kernel does not announce
-(udev's database, live attributes: the reader's `unannounced`) are made
-afresh every time.
+such interface's driver link gives what it gave (`rechecks`, record.py).
+Decisions that read what the kernel does not announce (udev's database, live
+attributes, a node's ACL: the reader's `unannounced`) are made afresh every
+time.
 
 Looking the instance up (the MAJ:MIN link, the directory, udev's database
 entry) is skipped while uevents are watched and none has arrived since a

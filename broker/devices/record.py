@@ -27,8 +27,9 @@ directory, identified by (st_dev, st_ino): a device that goes away and comes
 back is a new directory (kernfs numbers are not reused), so a new instance.
 What cannot change during an instance is kept with it (UdevReader's cache):
 its subsystem, devtype, parent, and the attributes rules read (ids, classes,
-descriptors), each once it was found (not yet there may be not made yet).  A hid device's report_descriptor is the exception: a driver
-rebind (report_fixup, a HID-BPF program) changes it in the same directory,
+descriptors), each once it was found (not there yet may be not made yet).
+A hid device's report_descriptor is the exception: a driver rebind
+(report_fixup, a HID-BPF program) changes it in the same directory,
 announced by a uevent and a new hidraw child; rules read it with
 attribute_fresh().  What can change is read again for every decision: which
 device the MAJ:MIN link names, the directory's identity, bound drivers (the

@@ -35,9 +35,10 @@ ALLOW, LOCKDOWN, DETACH, DENY, IGNORE = (Verdict.ALLOW, Verdict.ALLOW_WITH_LOCKD
 # What an allowing rule lets the caller do with the node, as the r and w
 # bits of a permission triple.  Most rules allow a device whatever its
 # node's mode says (the point of the broker: a 0600 root node, an fd for the
-# caller), so they grant both.  A rule whose reason to allow is the node's
-# own mode (allow_group) grants only what that mode gives: the front opens
-# with CAP_DAC_OVERRIDE, so nothing else would stop it handing out more.
+# caller), so they grant both.  A rule whose reason to allow is what the
+# node's own permissions give (allow_group: its group's mode bits or ACL
+# entry) grants only that: the front opens with CAP_DAC_OVERRIDE, so
+# nothing else would stop it handing out more.
 READ, WRITE = 0o4, 0o2
 READ_WRITE = READ | WRITE
 
@@ -137,7 +138,7 @@ def usb_vendors(v, where: str) -> frozenset[int]:
     for item in _list(v, where):
         if not isinstance(item, str) or not _HEX4.match(item):
             raise RuleConfigError(f"{where}: vendor {item!r} is not 4 hex digits")
-        out.add(int(str(item), 16))
+        out.add(int(item, 16))
     return frozenset(out)
 
 
