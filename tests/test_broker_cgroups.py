@@ -199,7 +199,7 @@ def test_signal_9_kills_what_double_forked_away(b):
     while alive(marker) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert alive(marker) == [] and processes_with(marker) == []
-    assert jail_cgroups(jail.jail_id) == set()
+    assert jail_cgroups_after_exit(jail.jail_id) == set()
 
 
 def test_when_the_program_exits_what_it_left_behind_goes_too(b):
@@ -210,7 +210,7 @@ def test_when_the_program_exits_what_it_left_behind_goes_too(b):
     while alive(marker) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert alive(marker) == []
-    assert jail_cgroups(jail.jail_id) == set()
+    assert jail_cgroups_after_exit(jail.jail_id) == set()
 
 
 def test_a_caller_that_goes_away_takes_its_double_forked_processes(bus, broker):
