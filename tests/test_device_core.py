@@ -390,20 +390,28 @@ def test_check_path_access_answers_false_for_refused_paths(tmp_path):
     assert c.check_path_access(Caller(), path)[0] is True
 
 
+def _count_decisions(monkeypatch) -> list[str]:
+    """The paths the rule chain is asked about from now on (one entry per
+    decision made, none for a remembered one)."""
+    from broker.devices import chain
+    calls = []
+    real = chain.decide
+    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
+                        real(rules, dev))
+    return calls
+
+
 @pytest.mark.parametrize("uevents_watched", [True, False], ids=["uevents", "no-uevents"])
 def test_decisions_are_remembered_only_while_nothing_they_read_can_change(
         tmp_path, monkeypatch, uevents_watched):
     # With uevents watched, what only a device's coming and going changes is
     # looked at again after the kernel's event (here: one the test makes,
     # as the kernel would for the real change); without, at every request.
-    from broker.devices import chain, uevents
+    from broker.devices import uevents
     if not uevents_watched:
         monkeypatch.setattr(uevents, "MIN_KERNEL", (999, 0))
     announce = kernel_uevent if uevents_watched else (lambda: None)
-    calls = []
-    real = chain.decide
-    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
-                        real(rules, dev))
+    calls = _count_decisions(monkeypatch)
     hid = make(tmp_path, "hidraw0")
     c = core(tmp_path)
     for _ in range(3):
@@ -461,11 +469,7 @@ def test_an_uninitialized_device_is_looked_at_every_time(tmp_path, monkeypatch):
 
 def test_usb_decisions_are_remembered_until_the_kernel_announces_a_change(tmp_path,
                                                                           monkeypatch):
-    from broker.devices import chain
-    calls = []
-    real = chain.decide
-    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
-                        real(rules, dev))
+    calls = _count_decisions(monkeypatch)
     usb = make(tmp_path, "bus/usb/001/004")               # usb-storage holds its only interface
     c = core(tmp_path)
     assert c.check_path_access(Caller(), usb)[0]           # detach: allowed
@@ -502,11 +506,7 @@ def test_a_decision_that_saw_a_free_interface_is_rechecked_before_reuse(tmp_path
     # Another program may claim a free interface through usbfs at any time,
     # unannounced: a decision that read one is reused only while that
     # interface's driver link still says what it said.
-    from broker.devices import chain
-    calls = []
-    real = chain.decide
-    monkeypatch.setattr(chain, "decide", lambda rules, dev: calls.append(dev.path) or
-                        real(rules, dev))
+    calls = _count_decisions(monkeypatch)
     usb = make(tmp_path, "bus/usb/001/005")               # usbhid on 1.0, 1.1 free
     c = core(tmp_path)
     assert c.check_path_access(Caller(), usb)[0] and c.uevents.watching
